@@ -1,0 +1,2 @@
+"""Calibration: data (``data``), statistics collectors (``collectors``) and the layer-sequential
+pipeline that feeds every compressor (``pipeline``)."""

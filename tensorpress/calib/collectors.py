@@ -1,0 +1,179 @@
+"""Streaming statistics of the inputs of target linears (the one Gram collector).
+
+Statistics, by the names compressors ask for:
+
+* ``gram``       — ``H = (1/N) Σ x xᵀ`` over all N calibration tokens: an exact average (the sum is
+  kept in fp64, each batch's ``XᵀX`` computed in fp32), not a decayed running mean.
+* ``input_norm`` — ``‖X_j‖₂`` per input channel (Wanda's activation norm).
+* ``abs_mean``   — ``mean_t |x_tj|`` per input channel (ASVD).
+* ``abs_max``    — ``max_t |x_tj|`` per input channel (smoothing).
+* ``fisher``     — squared per-sequence gradients of the LM loss w.r.t. the weight, summed over
+  samples and reduced per input column and per output row (FWSVD). Needs backward passes; see
+  :func:`collect_fisher`.
+
+Linears that read the same tensor (q/k/v, gate/up) share one computation per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..errors import TensorpressError
+
+FORWARD_STATS = frozenset({"gram", "input_norm", "abs_mean", "abs_max"})
+ALL_STATS = FORWARD_STATS | {"fisher"}
+
+
+@dataclass
+class LinearStats:
+    """Accumulated statistics of one linear's inputs."""
+    in_features: int
+    n_tokens: int = 0
+    gram_sum: torch.Tensor | None = None       # fp64 [in, in]
+    sq_sum: torch.Tensor | None = None         # fp64 [in]
+    abs_sum: torch.Tensor | None = None        # fp64 [in]
+    abs_max: torch.Tensor | None = None        # fp32 [in]
+    fisher_in: torch.Tensor | None = None      # fp64 [in]   Σ over rows of squared grads
+    fisher_out: torch.Tensor | None = None     # fp64 [out]  Σ over columns
+    extra: dict = field(default_factory=dict)
+
+    def gram(self, dtype=torch.float64) -> torch.Tensor:
+        if self.gram_sum is None:
+            raise KeyError("gram was not collected")
+        return (self.gram_sum / max(self.n_tokens, 1)).to(dtype)
+
+    def input_norm(self) -> torch.Tensor:
+        if self.sq_sum is not None:
+            return self.sq_sum.sqrt().float()
+        if self.gram_sum is not None:
+            return self.gram_sum.diagonal().clamp_min(0).sqrt().float()
+        raise KeyError("input_norm was not collected")
+
+    def abs_mean(self) -> torch.Tensor:
+        if self.abs_sum is None:
+            raise KeyError("abs_mean was not collected")
+        return (self.abs_sum / max(self.n_tokens, 1)).float()
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise TensorpressError(f"non-finite (NaN/Inf) calibration activations at the input of {name}")
+
+
+class InputCollector:
+    """Forward hooks on a set of linears, accumulating the requested statistics of their inputs."""
+
+    def __init__(self, modules: dict[str, nn.Module], needs: dict[str, set[str]]):
+        self.modules = modules
+        self.needs = {n: set(needs.get(n, ())) & FORWARD_STATS for n in modules}
+        self.stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
+        self._handles: list = []
+        self._memo: dict = {}
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            if self.needs[name]:
+                self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._memo.clear()
+
+    def _hook(self, name):
+        def hook(mod, inputs, output):
+            self._accumulate(name, inputs[0])
+        return hook
+
+    def _compute(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        # Shared per input tensor within one batch: q/k/v (and gate/up) read the same x.
+        key = (x.data_ptr(), tuple(x.shape), what)
+        if key not in self._memo:
+            xf = x.detach().reshape(-1, x.shape[-1]).float()
+            if what == "gram":
+                v = (xf.t() @ xf).double()
+            elif what == "sq":
+                v = xf.pow(2).sum(0).double()
+            elif what == "abs":
+                v = xf.abs().sum(0).double()
+            else:
+                v = xf.abs().amax(0)
+            self._memo[key] = v
+        return self._memo[key]
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        s, needs = self.stats[name], self.needs[name]
+        n = x.numel() // x.shape[-1]
+        if "gram" in needs:
+            g = self._compute(x, "gram")
+            _check_finite(g, name)
+            s.gram_sum = g.clone() if s.gram_sum is None else s.gram_sum + g
+        if "input_norm" in needs and "gram" not in needs:
+            v = self._compute(x, "sq")
+            _check_finite(v, name)
+            s.sq_sum = v.clone() if s.sq_sum is None else s.sq_sum + v
+        if "abs_mean" in needs:
+            v = self._compute(x, "abs")
+            s.abs_sum = v.clone() if s.abs_sum is None else s.abs_sum + v
+        if "abs_max" in needs:
+            v = self._compute(x, "max")
+            s.abs_max = v.clone() if s.abs_max is None else torch.maximum(s.abs_max, v)
+        s.n_tokens += n
+
+    def next_batch(self) -> None:
+        """Forget per-batch shared results (call after each forward)."""
+        self._memo.clear()
+
+
+def collect_fisher(model: nn.Module, samples: torch.Tensor, modules: dict[str, nn.Module],
+                   progress: bool = True) -> dict[str, LinearStats]:
+    """Empirical Fisher of the weights of ``modules`` from per-sequence LM-loss gradients.
+
+    For each sequence s, ``G_s = ∂L_s/∂W`` is formed from the captured input and output gradient
+    of the linear (never stored across sequences), and ``Σ_s G_s²`` is accumulated reduced to one
+    value per input column (``fisher_in``) and per output row (``fisher_out``): memory is O(in+out)
+    per linear, whatever the number of samples.
+    """
+    from tqdm.auto import tqdm
+
+    stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in modules.items():
+        handles.append(mod.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, i[0].detach())))
+
+        def bwd(m, gin, gout, name=name):
+            g = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()
+            x = inputs.pop(name).reshape(-1, inputs_dim[name]).double()
+            G = g.t() @ x                                            # [out, in]
+            G2 = G * G
+            st = stats[name]
+            st.fisher_in = G2.sum(0) if st.fisher_in is None else st.fisher_in + G2.sum(0)
+            st.fisher_out = G2.sum(1) if st.fisher_out is None else st.fisher_out + G2.sum(1)
+            st.n_tokens += 1
+        handles.append(mod.register_full_backward_hook(bwd))
+    inputs_dim = {n: m.in_features for n, m in modules.items()}
+    was_training = model.training
+    req = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        for ids in tqdm(samples, desc="fisher", unit="seq", disable=not progress, leave=False):
+            ids = ids[None]
+            # Gradients must flow to every hooked linear: make the embedding output require grad.
+            h = emb(ids).detach().requires_grad_(True)
+            out = model(inputs_embeds=h, labels=ids, use_cache=False)
+            out.loss.backward()
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, r in req.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return stats

@@ -1,0 +1,125 @@
+"""Apply a recipe to a model, block by block (calibration → compressor → compressed module).
+
+For each decoder block: hook its target linears, run the block over the calibration inputs to
+collect the statistics every stage asked for (always the Gram, which also gives the per-layer
+error), run each linear's stages in recipe order, swap the compressed modules in, and run the
+block again so that the next block sees the compressed block's outputs (or, with
+``stats_source: dense``, keep a dense stream for the statistics, as ARMOR and SVD-LLM do).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..calib.collectors import InputCollector, LinearStats
+from ..calib.pipeline import capture, run_block
+from ..errors import TensorpressError
+from ..evaluate import peak_rss_bytes
+from ..modeling import decoder_layers, layers_prefix, set_submodule, target_linears
+from .base import LinearContext
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    methods: list[str]
+    rel_error: float          # ‖X(W − Ŵ)ᵀ‖_F / ‖X Wᵀ‖_F on the calibration inputs
+    seconds: float
+    peak_rss_mb: float
+    module: dict = field(default_factory=dict)
+
+    def to_dict(self):
+        return {"name": self.name, "methods": self.methods, "rel_error": self.rel_error,
+                "seconds": round(self.seconds, 4), "peak_rss_mb": round(self.peak_rss_mb, 1), "module": self.module}
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    D = (W.double() - W_hat.double())
+    num = torch.einsum("oi,ij,oj->", D, H, D)
+    den = torch.einsum("oi,ij,oj->", W.double(), H, W.double())
+    return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt())
+
+
+def plan(model: nn.Module, recipe) -> dict[str, list]:
+    """Stages per full module name, validated against every layer before any work starts."""
+    prefix = layers_prefix(model)
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, mod in target_linears(layer).items():
+            full = f"{prefix}.{i}.{name}"
+            stages = recipe.stages_for(full)
+            if not stages:
+                continue
+            if not isinstance(mod, nn.Linear):
+                raise TensorpressError(f"{full} is already compressed; compress a dense model")
+            dummy = LinearContext(full, mod, mod, LinearStats(mod.in_features))
+            for s in stages:
+                s.compressor.check_layer(dummy)
+            out[full] = stages
+    if not out:
+        raise TensorpressError(f"recipe {recipe.name} matches no linear of the model")
+    return out
+
+
+@torch.no_grad()
+def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_size: int | None = None,
+                   stats_source: str | None = None, progress: bool = True, log_file=None) -> list[LayerRecord]:
+    """Compress ``model`` in place with ``recipe`` on calibration token windows ``samples [n, L]``."""
+    batch_size = batch_size or recipe.calibration["batch_size"]
+    stats_source = stats_source or recipe.calibration["stats_source"]
+    stages_by_name = plan(model, recipe)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    records: list[LayerRecord] = []
+
+    cap = capture(model, samples, batch_size)
+    hidden = cap.hidden
+    dense_hidden = list(hidden) if stats_source == "dense" else None
+    bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
+    for i, layer in enumerate(layers):
+        calls = [c[i] for c in cap.calls]
+        targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
+        if not targets:
+            hidden = run_block(layer, hidden, calls)
+            if dense_hidden is not None:
+                dense_hidden = run_block(layer, dense_hidden, calls)
+            continue
+        needs = {n: {"gram"} | set().union(*(s.compressor.requires for s in stages_by_name[f"{prefix}.{i}.{n}"]))
+                 for n in targets}
+        with InputCollector(targets, needs) as col:
+            stream = dense_hidden if dense_hidden is not None else hidden
+            outs = run_block(layer, stream, calls, after_batch=col.next_batch)
+        if dense_hidden is not None:
+            dense_hidden = outs
+        del outs
+        for name, mod in targets.items():
+            full = f"{prefix}.{i}.{name}"
+            t0 = time.perf_counter()
+            ctx = LinearContext(full, mod, mod, col.stats[name])
+            for stage in stages_by_name[full]:
+                ctx.current = stage.compressor.compress(ctx)
+            new = ctx.current
+            W = mod.weight.detach().float()
+            W_hat = new.effective_weight() if hasattr(new, "effective_weight") else new.weight.float()
+            if not bool(torch.isfinite(W_hat).all()):
+                raise TensorpressError(f"{full}: compression produced non-finite weights")
+            err = output_error(W, W_hat, col.stats[name].gram())
+            set_submodule(layer, name, new)
+            rec = LayerRecord(full, [s.compressor.name for s in stages_by_name[full]], err,
+                              time.perf_counter() - t0, peak_rss_bytes() / 2**20,
+                              new.config() if hasattr(new, "config") else {})
+            records.append(rec)
+            if log_file is not None:
+                log_file.write(json.dumps(rec.to_dict()) + "\n")
+                log_file.flush()
+            bar.set_postfix_str(f"{name} err={err:.4f}")
+            bar.update(1)
+        del col
+        hidden = run_block(layer, hidden, calls)
+    bar.close()
+    return records

@@ -1,0 +1,81 @@
+"""Low-rank math shared by the SVD family (and, later, EoRA and SVDQuant): one place for ranks,
+factor splits and the activation-whitened truncated SVD."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import TensorpressError
+
+
+def rank_from_ratio(out_f: int, in_f: int, ratio: float) -> int:
+    """Rank whose two factors hold ``ratio`` (fraction *kept*) of the ``out×in`` parameters:
+    ``r = floor(ratio·out·in/(out+in))``, at least 1."""
+    return max(1, int(math.floor(ratio * out_f * in_f / (out_f + in_f))))
+
+
+def resolve_rank(out_f: int, in_f: int, rank: int | None, ratio: float | None, name: str) -> int:
+    r = rank if rank is not None else rank_from_ratio(out_f, in_f, ratio)
+    if r > min(out_f, in_f):
+        raise TensorpressError(f"rank {r} is above min(out, in) = {min(out_f, in_f)} for {name}")
+    return r
+
+
+def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, sigma_side: str = "both"):
+    """``(down [r, in], up [out, r])`` with ``up @ down = U diag(S) Vh``."""
+    if sigma_side == "both":
+        s = S.sqrt()
+        return s[:, None] * Vh, U * s[None, :]
+    if sigma_side == "up":
+        return Vh, U * S[None, :]
+    if sigma_side == "down":
+        return S[:, None] * Vh, U
+    raise ValueError(sigma_side)
+
+
+def truncated_svd(E: torch.Tensor, rank: int, sigma_side: str = "both"):
+    """Best rank-``rank`` approximation of ``E`` in Frobenius norm (exact SVD, fp64)."""
+    U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
+    down, up = split_factors(U[:, :rank], S[:rank], Vh[:rank], sigma_side)
+    return down.float(), up.float()
+
+
+def gram_sqrt(H: torch.Tensor, method: str = "eigh"):
+    """``(S, S_pinv)`` with ``S Sᵀ = H`` (fp64).
+
+    ``eigh``: ``S = Q Λ^½`` with a truncated pseudo-inverse — eigenvalues below
+    ``λ_max·min(1, n·eps_fp32)`` are dropped, so a rank-deficient Gram never gives inf/NaN.
+    ``cholesky``: SVD-LLM's choice, with a shift by ``−λ_min + 1e-6`` if the factorisation fails.
+    """
+    H = H.double()
+    H = (H + H.T) / 2
+    n = H.shape[0]
+    if method == "eigh":
+        L, Q = torch.linalg.eigh(H)
+        if not bool(torch.isfinite(L).all()):
+            raise TensorpressError("the activation Gram has non-finite eigenvalues")
+        keep = L > L.max().clamp_min(0) * min(1.0, n * torch.finfo(torch.float32).eps)
+        sq = torch.where(keep, L.clamp_min(0).sqrt(), torch.zeros_like(L))
+        isq = torch.where(keep, 1 / L.clamp_min(1e-300).sqrt(), torch.zeros_like(L))
+        return Q * sq[None, :], isq[:, None] * Q.T
+    if method == "cholesky":
+        S, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            lam = torch.linalg.eigvalsh(H).min()
+            S = torch.linalg.cholesky(H + (-lam + 1e-6) * torch.eye(n, dtype=H.dtype))
+        return S, torch.linalg.inv(S)
+    raise ValueError(method)
+
+
+def whitened_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, sqrt: str = "eigh",
+                     sigma_side: str = "both"):
+    """Rank-``rank`` ``M`` minimising ``‖X(E − M)ᵀ‖_F`` for inputs with Gram ``H = XᵀX/N``.
+
+    ``E S = U Σ Vᵀ`` with ``S Sᵀ = H``; ``M = U_r Σ_r V_rᵀ S⁻¹`` (SVD-LLM with ``E = W``, EoRA with
+    ``E = W − Ŵ``). Returns ``(down [r, in], up [out, r])``.
+    """
+    S, S_inv = gram_sqrt(H, sqrt)
+    U, sig, Vh = torch.linalg.svd(E.double() @ S, full_matrices=False)
+    down, up = split_factors(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv, sigma_side)
+    return down.float(), up.float()

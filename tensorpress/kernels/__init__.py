@@ -1,0 +1,9 @@
+"""Execution of compressed linears. Knows tensors, not compression methods.
+
+``reference`` holds the pure-PyTorch definition of every op (the test oracle, and the CPU path);
+``ops`` is the public entry point that dispatches to a backend. Triton is optional: importing this
+package never imports it.
+"""
+from .ops import dequantize_weight, lowrank_linear, quant_linear
+
+__all__ = ["dequantize_weight", "lowrank_linear", "quant_linear"]

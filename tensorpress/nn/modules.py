@@ -1,0 +1,204 @@
+"""Compressed linear modules. Each forward goes through :mod:`tensorpress.kernels`."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+from ..packing import pack_bits, packed_length
+
+
+class CompressedLinear(nn.Module):
+    """Base of all compressed linears: ``y = base(x) [+ (x·lr_downᵀ)·lr_upᵀ] [+ bias]``.
+
+    Subclasses define the base representation (``base_weight``) and a ``FORMAT`` name. The optional
+    low-rank correction (``lr_down [r, in]``, ``lr_up [out, r]``) is what EoRA-style stages add.
+    """
+
+    FORMAT: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype_ = dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.lr_down = self.lr_up = None
+        if rank:
+            self.set_correction(torch.zeros(rank, in_features, dtype=dtype), torch.zeros(out_features, rank, dtype=dtype))
+
+    # --- correction -----------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return 0 if self.lr_down is None else self.lr_down.shape[0]
+
+    def set_correction(self, down: torch.Tensor | None, up: torch.Tensor | None) -> None:
+        if down is None:
+            self.lr_down = self.lr_up = None
+            return
+        assert down.shape[1] == self.in_features and up.shape[0] == self.out_features and down.shape[0] == up.shape[1]
+        self.lr_down = nn.Parameter(down.to(self.dtype_).contiguous(), requires_grad=False)
+        self.lr_up = nn.Parameter(up.to(self.dtype_).contiguous(), requires_grad=False)
+
+    def correction_weight(self) -> torch.Tensor | None:
+        return None if self.lr_down is None else self.lr_up.float() @ self.lr_down.float()
+
+    # --- what subclasses provide ----------------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """Dense fp32 ``[out, in]`` weight of the base representation."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON description enough to rebuild an empty module of the same shapes."""
+        return {"format": self.FORMAT, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "rank": self.rank}
+
+    @classmethod
+    def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
+        raise NotImplementedError
+
+    # --- shared behaviour -----------------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        """Dense fp32 weight the module computes with (base + correction)."""
+        w = self.base_weight()
+        c = self.correction_weight()
+        return w if c is None else w + c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.base_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.lr_down is not None:
+            y = y + kernels.lowrank_linear(x, self.lr_down, self.lr_up)
+        return y
+
+    def storage_bits(self) -> int:
+        """Bits stored for the weight (everything except the bias), for bits-per-weight accounting."""
+        return sum(t.numel() * t.element_size() * 8 for n, t in self._tensors() if n != "bias")
+
+    def _tensors(self):
+        for n, p in self.named_parameters(recurse=False):
+            yield n, p
+        for n, b in self.named_buffers(recurse=False):
+            yield n, b
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class DenseLinear(CompressedLinear):
+    """A dense (e.g. pruned) weight, optionally with a low-rank correction."""
+
+    FORMAT = "dense"
+
+    def __init__(self, in_features, out_features, bias, rank=0, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, rank, dtype)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def base_weight(self):
+        return self.weight.float()
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg.get("rank", 0), dtype)
+
+
+class LowRankLinear(CompressedLinear):
+    """``y = (x·downᵀ)·upᵀ + b`` — a factorised weight ``W ≈ up @ down`` (rank ``r``)."""
+
+    FORMAT = "lowrank"
+
+    def __init__(self, in_features, out_features, bias, factor_rank: int, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, 0, dtype)
+        self.down = nn.Parameter(torch.zeros(factor_rank, in_features, dtype=dtype), requires_grad=False)
+        self.up = nn.Parameter(torch.zeros(out_features, factor_rank, dtype=dtype), requires_grad=False)
+
+    @property
+    def factor_rank(self) -> int:
+        return self.down.shape[0]
+
+    def base_weight(self):
+        return self.up.float() @ self.down.float()
+
+    def forward(self, x):
+        return kernels.lowrank_linear(x, self.down, self.up, self.bias)
+
+    def config(self):
+        return {**super().config(), "factor_rank": self.factor_rank}
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["factor_rank"], dtype)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, factor_rank={self.factor_rank}, bias={self.bias is not None}"
+
+
+class QuantLinear(CompressedLinear):
+    """Group-wise integer weights in the GPTQ int32 layout, optionally + a low-rank correction.
+
+    Tensors: ``qweight int32 [ceil(in·bits/32), out]``, ``scales fp16 [G, out]``,
+    ``qzeros int32 [G, ceil(out·bits/32)]`` (actual zero points, no v1 offset), ``g_idx int32 [in]``
+    only when the column order is permuted (act-order), ``bias``, ``lr_down``/``lr_up``.
+    """
+
+    FORMAT = "quant"
+
+    def __init__(self, in_features, out_features, bias, bits: int, group_size: int, sym: bool = True,
+                 has_g_idx: bool = False, rank: int = 0, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, rank, dtype)
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        g = in_features if group_size == -1 else group_size
+        n_groups = (in_features + g - 1) // g
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
+        self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32) if has_g_idx else None)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int,
+                   group_size: int, sym: bool, g_idx: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, dtype=torch.float32) -> "QuantLinear":
+        """Build from unpacked ``codes [out, in]``, ``scales [G, out]``, ``zeros [G, out]``."""
+        out_f, in_f = codes.shape
+        m = cls(in_f, out_f, bias is not None, bits, group_size, sym, g_idx is not None, 0, dtype)
+        m.qweight.copy_(pack_bits(codes.t().to(torch.int32), bits, dim=0))
+        m.scales.copy_(scales.to(torch.float16))
+        m.qzeros.copy_(pack_bits(zeros.to(torch.int32), bits, dim=1))
+        if g_idx is not None:
+            m.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            m.bias.data.copy_(bias.to(dtype))
+        return m
+
+    def base_weight(self):
+        return kernels.dequantize_weight(self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                                         self.group_size, self.in_features)
+
+    def forward(self, x):
+        return kernels.quant_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                                    self.group_size, self.in_features, self.bias, self.lr_down, self.lr_up)
+
+    def config(self):
+        return {**super().config(), "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+                "g_idx": self.g_idx is not None}
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["bits"], cfg["group_size"],
+                   cfg.get("sym", True), cfg.get("g_idx", False), cfg.get("rank", 0), dtype)
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+                f"sym={self.sym}, rank={self.rank}, bias={self.bias is not None}")
+
+
+FORMATS: dict[str, type[CompressedLinear]] = {c.FORMAT: c for c in (DenseLinear, LowRankLinear, QuantLinear)}
+
+
+def module_from_config(cfg: dict, dtype: torch.dtype = torch.float32) -> CompressedLinear:
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise KeyError(f"unknown compressed format {fmt!r}; known: {sorted(FORMATS)}")
+    return FORMATS[fmt].from_config(cfg, dtype)
