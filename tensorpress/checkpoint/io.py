@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,13 +69,12 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
-def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, recipe=None,
-         extra_files: dict[str, str] | None = None, overwrite: bool = False,
-         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write ``model`` (with compressed modules) as a native checkpoint at ``out``, atomically."""
-    from safetensors.torch import save_file
-    from .. import __version__
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a hidden temporary directory; on success fsync it and rename it to ``out``.
 
+    On any exception (or a kill) ``out`` is untouched: no half-written directory ever sits there.
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output path {out} already exists (choose another or remove it)")
@@ -83,6 +83,33 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, recipe=None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        yield tmp
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, recipe=None,
+         extra_files: dict[str, str] | None = None, overwrite: bool = False,
+         max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` (with compressed modules) as a native checkpoint at ``out``, atomically."""
+    from safetensors.torch import save_file
+    from .. import __version__
+
+    with atomic_dir(out, overwrite) as tmp:
         shards = _shards(_unique_state(model), max_shard_bytes)
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -116,22 +143,7 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, recipe=None,
             model, shards=shard_info, recipe=None if recipe is None else recipe.to_dict())
         # config.json last: it is what makes the directory a checkpoint.
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def read_quantization_config(path: str | os.PathLike) -> tuple[dict, dict]:
