@@ -34,11 +34,11 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, sigma_side
     raise ValueError(sigma_side)
 
 
-def truncated_svd(E: torch.Tensor, rank: int, sigma_side: str = "both"):
+def truncated_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=torch.float32):
     """Best rank-``rank`` approximation of ``E`` in Frobenius norm (exact SVD, fp64)."""
     U, S, Vh = torch.linalg.svd(E.double(), full_matrices=False)
     down, up = split_factors(U[:, :rank], S[:rank], Vh[:rank], sigma_side)
-    return down.float(), up.float()
+    return down.to(dtype), up.to(dtype)
 
 
 def gram_sqrt(H: torch.Tensor, method: str = "eigh"):
@@ -69,7 +69,7 @@ def gram_sqrt(H: torch.Tensor, method: str = "eigh"):
 
 
 def whitened_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, sqrt: str = "eigh",
-                     sigma_side: str = "both"):
+                     sigma_side: str = "both", dtype=torch.float32):
     """Rank-``rank`` ``M`` minimising ``‖X(E − M)ᵀ‖_F`` for inputs with Gram ``H = XᵀX/N``.
 
     ``E S = U Σ Vᵀ`` with ``S Sᵀ = H``; ``M = U_r Σ_r V_rᵀ S⁻¹`` (SVD-LLM with ``E = W``, EoRA with
@@ -78,4 +78,4 @@ def whitened_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, sqrt: str = "e
     S, S_inv = gram_sqrt(H, sqrt)
     U, sig, Vh = torch.linalg.svd(E.double() @ S, full_matrices=False)
     down, up = split_factors(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv, sigma_side)
-    return down.float(), up.float()
+    return down.to(dtype), up.to(dtype)

@@ -6,7 +6,7 @@ Conventions (see docs, "Reference integer quantizers"):
 * symmetric: ``scale = max|w| / (2**(bits-1) - 1)``, ``zero = 2**(bits-1)`` (the GPTQ ``sym`` zero);
 * asymmetric: ``xmin = min(0, min w)``, ``xmax = max(0, max w)``, ``scale = (xmax-xmin)/(2**bits-1)``,
   ``zero = round(-xmin/scale)``;
-* scales are rounded to fp16 *before* the codes are computed, so the stored grid is the grid the
+* scales are rounded (upwards) to fp16 *before* the codes are computed, so the stored grid is the grid the
   codes were chosen on; a zero scale becomes 1.
 * optional clipping search (``clip_search``): the range is shrunk by the factor in a small grid that
   minimises the squared error of each row-group.
@@ -54,17 +54,24 @@ class QuantSpec:
 _CLIP_GRID = torch.linspace(1.0, 0.7, 16).tolist()
 
 
+def _to_fp16_up(s: torch.Tensor) -> torch.Tensor:
+    """Round scales to fp16, upwards, so the stored grid still covers the range it was made for."""
+    h = s.half()
+    h = torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
 def _grid(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.sym:
         amax = torch.maximum(wmax.abs(), wmin.abs())
         scale = amax / (2 ** (spec.bits - 1) - 1)
-        scale = scale.half().float()
+        scale = _to_fp16_up(scale)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, 2 ** (spec.bits - 1))
     else:
         xmin = torch.clamp(wmin, max=0)
         xmax = torch.clamp(wmax, min=0)
-        scale = ((xmax - xmin) / spec.maxq).half().float()
+        scale = _to_fp16_up((xmax - xmin) / spec.maxq)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.clamp(torch.round(-xmin / scale), 0, spec.maxq)
     return scale, zero

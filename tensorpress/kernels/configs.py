@@ -1,0 +1,109 @@
+"""Kernel configurations: an explicit table per device plus a heuristic fallback (no autotuning).
+
+``@triton.autotune`` cannot run without a GPU (and tuning inside a CUDA-graph capture is a trap), so
+block sizes come from :data:`TABLE`: per device key (``sm90``, ``sm80``, ``interpret``) and kernel, a
+list of ``(max_m, config)`` rows; the first row whose ``max_m >= M`` wins. ``SPLIT_K`` left out (or
+0) is chosen by :func:`split_k` to give every SM a few programs. A JSON file written by
+``benchmarks/kernels.py --tune`` and pointed to by ``TENSORPRESS_KERNEL_CONFIGS`` overrides rows.
+
+The sm90 rows are design-time guesses (see docs/kernels.md §3.4): GEMV BLOCK_K a multiple of the
+group, loads along N; every row is compiled for sm_80 and sm_90 by ``tests/kernels/test_aot.py``.
+Pure Python: importable without Triton.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+BIG = 1 << 62
+
+# Batch-size dispatch thresholds (rows of x). W4A16: GEMV up to ``gemv_max_m``, tl.dot GEMM up to
+# ``fused_max_m``, then Triton dequantise + cuBLAS (backend ``auto`` only). Low-rank: Triton up to
+# ``lowrank_max_m``, then two cuBLAS GEMMs. 2:4: Triton GEMV up to ``sparse_max_m``, then PyTorch
+# semi-structured (cuSPARSELt / CUTLASS) where the shape allows.
+THRESHOLDS = {"gemv_max_m": 1, "fused_max_m": 128, "lowrank_max_m": 16, "sparse_max_m": 8}
+
+_GPU = {
+    "w4a16_gemv": [(BIG, dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2))],
+    "w4a16_gemm": [(16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
+                   (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
+                   (BIG, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3))],
+    "w4_dequant": [(BIG, dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=1))],
+    "lr_down": [(16, dict(BLOCK_M=16, BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=2)),
+                (BIG, dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=3))],
+    "lr_up": [(16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2)),
+              (BIG, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, num_warps=4, num_stages=3))],
+    "act_quant": [(BIG, dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2))],
+    "w4a8_gemm": [(64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
+                  (BIG, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))],
+    "sparse24_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_J=128, num_warps=4, num_stages=2))],
+    "blockdiag": [(BIG, dict(BLOCK_M=16, num_warps=4, num_stages=1))],
+}
+
+# Interpreter: cost is per program and per op, so big blocks; still smaller than the test shapes
+# so that masks, tails and split-K are exercised.
+_INTERPRET = {
+    "w4a16_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_K=64))],
+    "w4a16_gemm": [(BIG, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32))],
+    "w4_dequant": [(BIG, dict(BLOCK_N=64, BLOCK_K=64))],
+    "lr_down": [(BIG, dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=64))],
+    "lr_up": [(BIG, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32))],
+    "act_quant": [(BIG, dict(BLOCK_M=16, BLOCK_K=64))],
+    "w4a8_gemm": [(BIG, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32))],
+    "sparse24_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_J=64))],
+    "blockdiag": [(BIG, dict(BLOCK_M=16))],
+}
+
+TABLE: dict[str, dict[str, list[tuple[int, dict]]]] = {"sm90": _GPU, "sm80": _GPU, "interpret": _INTERPRET}
+KERNELS = tuple(_GPU)
+
+
+@functools.cache
+def _overrides(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def table(device_key: str) -> dict[str, list[tuple[int, dict]]]:
+    rows = dict(TABLE.get(device_key, _GPU))
+    path = os.environ.get("TENSORPRESS_KERNEL_CONFIGS")
+    if path and device_key != "interpret":
+        over = _overrides(path).get(device_key, {})
+        rows.update({k: [(int(m), dict(c)) for m, c in v] for k, v in over.items() if k in KERNELS})
+    return rows
+
+
+def thresholds(device_key: str) -> dict[str, int]:
+    path = os.environ.get("TENSORPRESS_KERNEL_CONFIGS")
+    over = _overrides(path).get(device_key, {}).get("thresholds", {}) if path else {}
+    return {**THRESHOLDS, **over}
+
+
+def select(kernel: str, device_key: str, m: int) -> dict:
+    """Config row for ``kernel`` at batch ``m`` (a fresh dict the caller may adapt)."""
+    for max_m, cfg in table(device_key)[kernel]:
+        if m <= max_m:
+            return dict(cfg)
+    raise LookupError(f"no {kernel} config for M={m}")
+
+
+def split_k(tiles: int, k_blocks: int, sms: int, waves: int = 4, min_blocks: int = 2) -> int:
+    """Split the K loop so that ``tiles × split`` fills ~``waves`` programs per SM, keeping at least
+    ``min_blocks`` BLOCK_K steps per split (decode GEMVs have too few N tiles to fill an H100)."""
+    want = math.ceil(waves * sms / max(tiles, 1))
+    return max(1, min(want, k_blocks // min_blocks))
+
+
+def pow2_block_k(block_k: int, group: int, minimum: int) -> int:
+    """Largest power of two ``<= block_k`` dividing ``group`` (so a tile holds one group), or
+    ``block_k`` unchanged if that would fall below ``minimum`` (then scales are gathered per row)."""
+    b = block_k
+    while b >= minimum and group % b:
+        b //= 2
+    return b if b >= minimum else block_k
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
