@@ -11,6 +11,7 @@ Python API (each a documented call)::
     tp.evaluate(model, tok)                                # protocol perplexity + sizes
     tp.save(model, "out", tokenizer=tok, recipe=recipe)    # atomic native checkpoint
     model = tp.load("out")                                 # compressed modules rebuilt
+    tp.export("out", "out-gptq", "gptq")                   # or "compressed-tensors"
 
 After ``import tensorpress``, ``transformers.AutoModelForCausalLM.from_pretrained("out")`` also
 loads native checkpoints.
@@ -31,6 +32,7 @@ _LAZY = {
     "evaluate": ("api", "evaluate"),
     "save": ("checkpoint", "save"),
     "load": ("checkpoint", "load"),
+    "export": ("export", "export"),
 }
 
 

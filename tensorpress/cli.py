@@ -69,14 +69,14 @@ def cmd_compress(a) -> int:
         torch.manual_seed(a.seed)
     model_dir, _ = resolve_model_path(a.model)
     model, tok = load_model(a.model)
+    from .compress.apply import plan
+    plan(model, recipe)                              # fail fast on bad ranks/groups, before any work
     if a.calib:
         samples = load_calibration(a.calib, tok, cal["samples"], cal["seq_len"], cal["seed"])
     else:
         if tok is None:
             raise TensorpressError("the model has no tokenizer: pass token ids with --calib FILE.safetensors")
         samples = calibration_samples(tok, cal["samples"], cal["seq_len"], cal["seed"])
-    from .compress.apply import plan
-    plan(model, recipe)                              # fail fast on bad ranks/groups, before any eval
     rows = []
     if not a.no_eval:
         dense = api.evaluate(model, tok, a.eval_windows, a.eval_seq_len,
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("path", help="tensorpress checkpoint directory")
     x.add_argument("--format", "-f", required=True, choices=["gptq", "compressed-tensors"])
     x.add_argument("--output", "-o", required=True, help="directory to create (must not exist)")
-    x.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="GPTQ zero-point convention (default gptq = v1)")
+    x.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="GPTQ zero-point convention (default: gptq = v1 for symmetric models, gptq_v2 for asymmetric)")
     x.set_defaults(func=cmd_export)
     return p
 

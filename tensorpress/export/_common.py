@@ -34,15 +34,15 @@ class Source:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The model dtype: that of the input embeddings (what the weights really are), else the config's."""
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        w = getattr(emb, "weight", None) if emb is not None else None
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            return w.dtype
         d = getattr(self.model.config, "dtype", None)
         if isinstance(d, str):
             d = getattr(torch, d, None)
-        if isinstance(d, torch.dtype) and d.is_floating_point:
-            return d
-        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            return emb.weight.dtype
-        return torch.float32
+        return d if isinstance(d, torch.dtype) and d.is_floating_point else torch.float32
 
 
 def _recipe_dict(recipe) -> dict | None:
@@ -173,6 +173,12 @@ def check_tied_head(model: nn.Module, state: dict[str, torch.Tensor], inv: Inven
     if not tied(model) and key not in state:
         raise TensorpressError(f"{key} shares storage with another tensor but the config does not tie word "
                                f"embeddings; untie them (clone the head) or set tie_word_embeddings=True")
+    if tied(model) and key in state:
+        emb = model.get_input_embeddings().weight
+        if state[key].shape != emb.shape or not torch.equal(state[key], emb.detach().cpu()):
+            raise TensorpressError(f"the config ties word embeddings but {key} differs from the input embeddings "
+                                   f"(a loader would re-tie and drop it); set tie_word_embeddings=False")
+        del state[key]
 
 
 def config_dict(src: Source, quantization_config: dict) -> dict:

@@ -54,7 +54,7 @@ def ct_tensors(m: QuantLinear, dtype: torch.dtype, name: str = "module") -> dict
         t["weight_zero_point"] = pack_bits(zeros, bits, dim=0)
     if m.bias is not None:
         t["bias"] = m.bias.detach().to(dtype).contiguous()
-    return t
+    return {k: v.cpu() for k, v in t.items()}
 
 
 def read_ct_tensors(t: dict[str, torch.Tensor], bits: int
@@ -109,7 +109,8 @@ def export_compressed_tensors(src: Source, tmp: Path, max_shard_bytes: int | Non
                        "input_activations": None, "output_activations": None, "format": None}
         for i, (scheme, names) in enumerate(groups.items())}
     ignore = ([inv.lm_head] if inv.lm_head else []) + (inv.dense_linears if single else [])
-    prov = provenance(src, "compressed-tensors")
+    prov = provenance(src, "compressed-tensors",
+                      tested_with={"compressed-tensors": "0.19.0", "transformers": "5.17.0"})
     qc = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",

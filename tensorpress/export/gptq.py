@@ -7,12 +7,16 @@ Per quantised linear ``<p>``: ``qweight int32 [in·b/32, out]`` (packed along th
 * ``"gptq"`` (v1, AutoGPTQ convention, the default): each stored zero is ``z − 1``;
 * ``"gptq_v2"`` (GPTQModel): the actual zero ``z``.
 
-Symmetric modules use the standard zero ``2**(bits−1)``. Asymmetric modules need ``gptq_v2``: in v1 a
+Symmetric modules use the standard zero ``2**(bits−1)``. Refused: a ragged last group (GPTQModel's CPU
+kernel and vLLM's Marlin fail on it at run time) and 3-bit layers whose dimensions are not multiples of 32. Asymmetric modules need ``gptq_v2``: in v1 a
 zero of 0 has no encoding and GPTQModel refuses ``sym: false`` v1 checkpoints it did not write.
 Everything except the quantised linears is written dense (the head too: ``lm_head: false``).
 """
 from __future__ import annotations
 
+import json
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +37,15 @@ def gptq_tensors(m: QuantLinear, checkpoint_format: str, dtype: torch.dtype, nam
         raise TensorpressError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
                                f"got {checkpoint_format!r}")
     bits, out_f = m.bits, m.out_features
+    if bits == 3 and (m.in_features % 32 or out_f % 32):
+        raise TensorpressError(
+            f"{name} is {out_f}x{m.in_features}: 3-bit GPTQ packs blocks of 32 values into 3 words, so both "
+            f"dimensions must be multiples of 32 (GPTQModel refuses others); use 2, 4 or 8 bits")
+    if m.group_size != -1 and m.in_features % m.group_size:
+        raise TensorpressError(
+            f"{name}: in_features {m.in_features} is not a multiple of group_size {m.group_size}; GPTQ consumers "
+            f"fail on a ragged last group (GPTQModel's CPU kernel and vLLM's Marlin need whole groups) — use a "
+            f"group size dividing {m.in_features}")
     zeros = unpack_bits(m.qzeros, bits, out_f, dim=1)                     # [G, out], actual zero points
     if m.sym and not bool((zeros == 2 ** (bits - 1)).all()):
         raise TensorpressError(f"{name} is marked symmetric but its zero points are not {2 ** (bits - 1)}; "
@@ -51,7 +64,7 @@ def gptq_tensors(m: QuantLinear, checkpoint_format: str, dtype: torch.dtype, nam
     }
     if m.bias is not None:
         t["bias"] = m.bias.detach().to(dtype).contiguous()
-    return t
+    return {k: v.cpu() for k, v in t.items()}
 
 
 def read_gptq_tensors(t: dict[str, torch.Tensor], bits: int, in_features: int, checkpoint_format: str
@@ -105,7 +118,8 @@ def export_gptq(src: Source, tmp: Path, checkpoint_format: str | None = None,
         for k, v in gptq_tensors(m, checkpoint_format, dtype, name).items():
             tensors[f"{name}.{k}"] = v
 
-    prov = provenance(src, "gptq", checkpoint_format=checkpoint_format)
+    prov = provenance(src, "gptq", checkpoint_format=checkpoint_format,
+                      tested_with={"gptqmodel": "7.6.0", "optimum": "2.3.0", "transformers": "5.17.0"})
     qc = {
         "quant_method": "gptq",
         "bits": bits,
@@ -116,26 +130,23 @@ def export_gptq(src: Source, tmp: Path, checkpoint_format: str | None = None,
         "checkpoint_format": checkpoint_format,
         "format": checkpoint_format,
         "pack_dtype": "int32",
-        "true_sequential": True,
-        "static_groups": False,
         "meta": {"quantizer": [f"tensorpress:{prov['version']}"], "tensorpress": prov},
     }
     if inv.dense_linears:
         # Decoder linears left dense. GPTQModel and vLLM read `dynamic` negative matches; transformers
         # (optimum) reads `modules_in_block_to_quantize` (module names are matched by suffix, full
         # names are exact).
-        qc["dynamic"] = {f"-:^{_re_escape(n)}$": {} for n in inv.dense_linears}
+        qc["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in inv.dense_linears}
         qc["modules_in_block_to_quantize"] = [list(inv.quant)]
     metadata = {"producer": f"tensorpress {prov['version']}", "tensorpress_export": "gptq",
                 "checkpoint_format": checkpoint_format}
     if src.recipe is not None:
-        import json
         metadata["tensorpress_recipe"] = json.dumps(src.recipe, sort_keys=True, default=str)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     write_checkpoint(tmp, src, tensors, config_dict(src, qc), metadata,
                      extra_json={"quantize_config.json": qc}, **kw)
+    if not any((tmp / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        warnings.warn("GPTQ export written without a tokenizer: GPTQModel.load refuses such a directory "
+                      "(transformers loads it); pass tokenizer=... or export from a checkpoint that has one",
+                      stacklevel=4)
     return qc
-
-
-def _re_escape(name: str) -> str:
-    return name.replace(".", r"\.")

@@ -1,0 +1,109 @@
+"""The command line: a full run on a tiny model saved to disk, and every error path as one line
+with a non-zero exit code, no traceback and no partial output."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import VOCAB, make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = " ".join(f"The {w} of the river is {n} miles long and it flows to the sea." for n, w in
+                enumerate(["length", "width", "depth", "source", "mouth"] * 40))
+
+
+def run(*args, check_rc=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TENSORPRESS_DEBUG": ""}
+    r = subprocess.run([sys.executable, "-m", "tensorpress", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    if check_rc is not None:
+        assert r.returncode == check_rc, r.stderr[-2000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    make_tiny("qwen2").save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "calib.txt").write_text(TEXT)
+    return d
+
+
+def _assert_one_line_error(r, match):
+    assert r.returncode == 2, (r.returncode, r.stderr[-1500:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error: ") and match in lines[-1], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+
+
+def test_full_cli_run(tiny_dir):
+    out = tiny_dir / "out"
+    r = run("compress", tiny_dir / "model", "--recipe", "gptq-w4g64", "-o", out, "--calib", tiny_dir / "calib.txt",
+            "--samples", 4, "--seq-len", 64, "--no-eval", "--threads", 1, "-q", check_rc=0)
+    assert "compressed 14 linears" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["threads"] == 1 and report["calibration_samples"] == [4, 64]
+    layers = [json.loads(l) for l in (out / "layers.jsonl").read_text().splitlines()]
+    assert len(layers) == 14 and all(0 <= l["rel_error"] < 0.5 and l["seconds"] >= 0 for l in layers)
+    r = run("inspect", out, "--json", check_rc=0)
+    rows = json.loads(r.stdout)
+    assert len(rows) == 14 and {row["format"] for row in rows} == {"quant"}
+    assert all(4 < row["bits/weight"] < 5 for row in rows)
+    # the same output path again: refused, nothing touched
+    before = sorted(os.listdir(out))
+    _assert_one_line_error(run("compress", tiny_dir / "model", "-r", "rtn-w4g64", "-o", out,
+                               "--calib", tiny_dir / "calib.txt", "--no-eval"), "already exists")
+    assert sorted(os.listdir(out)) == before
+
+
+def test_recipes_lists_shipped():
+    r = run("recipes", check_rc=0)
+    assert "gptq-w4g64" in r.stdout and "svd-p80" in r.stdout
+
+
+def test_help_is_informative():
+    r = run("compress", "--help", check_rc=0)
+    assert "--recipe" in r.stdout and "default" in r.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["compress", "MODEL", "-r", "no-such-recipe", "-o", "OUT"], "unknown recipe"),
+    (["compress", "MISSING", "-r", "rtn-w4g64", "-o", "OUT"], "does not exist"),
+    (["compress", "NOTMODEL", "-r", "rtn-w4g64", "-o", "OUT"], "not a model directory"),
+    (["compress", "MODEL", "-r", "BADRECIPE", "-o", "OUT", "--no-eval", "--calib", "CALIB"], "bits"),
+    (["compress", "MODEL", "-r", "BIGGROUP", "-o", "OUT", "--no-eval", "--calib", "CALIB"], "cannot apply"),
+    (["compress", "MODEL", "-r", "rtn-w4g64", "-o", "OUT", "--no-eval", "--calib", "MISSINGCALIB"], "does not exist"),
+    (["eval", "NOTMODEL"], "not a model directory"),
+    (["inspect", "NOTMODEL"], "no config.json"),
+])
+def test_error_paths(tiny_dir, tmp_path, args, match, capsys):
+    """In-process through cli.main (the same code the console script runs), for speed."""
+    from tensorpress.cli import main
+    (tmp_path / "notmodel").mkdir()
+    (tmp_path / "bad.yaml").write_text("stages:\n  - method: rtn\n    bits: 12\n")
+    (tmp_path / "big.yaml").write_text("stages:\n  - method: rtn\n    group_size: 128\n")
+    subst = {"MODEL": tiny_dir / "model", "OUT": tmp_path / "out", "NOTMODEL": tmp_path / "notmodel",
+             "MISSING": tmp_path / "missing", "BADRECIPE": tmp_path / "bad.yaml", "BIGGROUP": tmp_path / "big.yaml",
+             "CALIB": tiny_dir / "calib.txt", "MISSINGCALIB": tmp_path / "nope.txt"}
+    rc = main([str(subst.get(a, a)) for a in args])
+    err = capsys.readouterr().err
+    _assert_one_line_error(subprocess.CompletedProcess(args, rc, "", err), match)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_bad_argument_is_usage_error():
+    r = run("compress", "x", "-r", "y", "-o", "z", "--samples", "-3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "positive integer" in r.stderr
