@@ -47,6 +47,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, length: int, dim: int = 0) -> t
         raise ValueError(f"packed tensor has {n_words} words, {length} codes of {bits} bits need "
                          f"{packed_length(length, bits)}")
     rest = p.shape[1:]
+    if 32 % bits == 0:
+        # Fast path (1/2/4/8 bits: no code straddles two words): shift every word by each slot.
+        # Arithmetic shifts of negative int32 words are fine: the mask drops the sign bits.
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=p.device, dtype=torch.int32)
+        w32 = p.reshape(n_words, 1, -1).to(torch.int32)
+        codes = ((w32 >> shifts[None, :, None]) & ((1 << bits) - 1)).reshape(n_words * per, -1)[:length]
+        return codes.reshape(length, *rest).movedim(0, dim).contiguous()
     w = p.reshape(n_words, -1).to(torch.int64) & 0xFFFFFFFF
     w = torch.cat([w, torch.zeros_like(w[:1])], 0)
     pos = torch.arange(length, device=p.device, dtype=torch.int64) * bits

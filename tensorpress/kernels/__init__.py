@@ -1,9 +1,9 @@
 """Execution of compressed linears. Knows tensors, not compression methods.
 
 ``reference`` holds the pure-PyTorch definition of every op (the test oracle, and the CPU path);
-``ops`` is the public entry point that dispatches to a backend. Triton is optional: importing this
-package never imports it.
+``ops`` is the public entry point that dispatches to a backend (``TENSORPRESS_BACKEND``, see
+``_env``). Triton is optional: importing this package never imports it.
 """
-from .ops import dequantize_weight, lowrank_linear, quant_linear
+from .ops import dequantize_weight, lowrank_linear, quant_linear, sparse24_linear, w4a8_linear
 
-__all__ = ["dequantize_weight", "lowrank_linear", "quant_linear"]
+__all__ = ["dequantize_weight", "lowrank_linear", "quant_linear", "sparse24_linear", "w4a8_linear"]

@@ -51,6 +51,17 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# Set by ``aot.py`` while it builds launches for a GPU it does not have (CPU-only compile checks).
+aot_target: tuple[int, int] | None = None
+
+
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the kernels are built for; None for CPU tensors (interpreter)."""
+    if aot_target is not None:
+        return aot_target
+    return _capability(device.index or 0) if device.type == "cuda" else None
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the Triton family of paths handles an op whose activations are ``x``."""
     b = backend()
@@ -65,7 +76,7 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if b == "triton":
         return _require_triton(b)
-    return triton_available() and _capability(x.device.index or 0) >= (8, 0)
+    return triton_available() and capability(x.device) >= (8, 0)
 
 
 def fast_paths_allowed() -> bool:
@@ -92,14 +103,12 @@ def kernel_module(name: str):
 
 
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device.type == "cuda" and aot_target is None:
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: pretend H100 so CPU tests exercise the same split-K arithmetic
+    return 132  # interpreter / AOT: an H100, so CPU tests exercise the GPU split-K arithmetic
 
 
 def device_key(device: torch.device) -> str:
     """Key of the config table: ``sm90``, ``sm80``, ... (``interpret`` for the CPU interpreter)."""
-    if device.type != "cuda":
-        return "interpret"
-    major, minor = _capability(device.index or 0)
-    return f"sm{major}{minor}"
+    cap = capability(device)
+    return "interpret" if cap is None else f"sm{cap[0]}{cap[1]}"

@@ -50,7 +50,8 @@ def atomic_ok(dtype: torch.dtype, device: torch.device) -> bool:
     (bf16 atomics need sm_90; the interpreter adds bf16 as raw integers)."""
     if dtype in (torch.float32, torch.float16):
         return True
-    return dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    cap = _env.capability(device)
+    return dtype == torch.bfloat16 and cap is not None and cap >= (9, 0)
 
 
 def output(m: int, n: int, dtype: torch.dtype, device: torch.device, split: int):
@@ -75,11 +76,17 @@ def load_group(s_ptr, z_ptr, g, rn, mask, stride_sg, stride_zg):
 
 
 @triton.jit
-def dequant4(q, s, zm):
-    """``s·(q − z)`` for 4-bit codes ``q`` (int32, 0..15). OR-ing q into the mantissa of 2**23 and
-    bitcasting gives the float ``2**23 + q`` exactly (no int→float conversion, which runs at a
+def centered4(q, zm):
+    """``q − z`` as fp32 for 4-bit codes ``q`` (int32, 0..15). OR-ing q into the mantissa of 2**23
+    and bitcasting gives the float ``2**23 + q`` exactly (no int→float conversion, which runs at a
     fraction of the FMA rate); subtracting ``zm = 2**23 + z`` leaves the exact integer q − z."""
-    return ((q | 0x4B000000).to(tl.float32, bitcast=True) - zm) * s
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - zm
+
+
+@triton.jit
+def dequant4(q, s, zm):
+    """``s·(q − z)``, exact in fp32 (see :func:`centered4`)."""
+    return centered4(q, zm) * s
 
 
 @triton.jit

@@ -3,11 +3,15 @@
 ``@triton.autotune`` cannot run without a GPU (and tuning inside a CUDA-graph capture is a trap), so
 block sizes come from :data:`TABLE`: per device key (``sm90``, ``sm80``, ``interpret``) and kernel, a
 list of ``(max_m, config)`` rows; the first row whose ``max_m >= M`` wins. ``SPLIT_K`` left out (or
-0) is chosen by :func:`split_k` to give every SM a few programs. A JSON file written by
-``benchmarks/kernels.py --tune`` and pointed to by ``TENSORPRESS_KERNEL_CONFIGS`` overrides rows.
+0) is chosen by :func:`split_k` to give every SM a few programs. Block sizes that must fit the
+problem (BLOCK_K vs the quantisation group, BLOCK_N vs the ARMOR block, BLOCK_R vs the rank) are
+adapted by the launch code. A JSON file named by ``TENSORPRESS_KERNEL_CONFIGS``, shaped
+``{"sm90": {"w4a16_gemv": [[max_m, {...}], ...], "thresholds": {"gemv_max_m": 1, ...}}}``,
+replaces whole kernel entries and thresholds (e.g. after tuning on a GPU).
 
-The sm90 rows are design-time guesses (see docs/kernels.md §3.4): GEMV BLOCK_K a multiple of the
-group, loads along N; every row is compiled for sm_80 and sm_90 by ``tests/kernels/test_aot.py``.
+The GPU rows are design-time choices, not yet measured (docs/kernels.md §3.4: BLOCK_K dividing the
+group, loads along N, split-K for decode); each is compiled for sm_80 and sm_90 by
+``tests/kernels/test_aot.py`` (no spills, shared memory within limits).
 Pure Python: importable without Triton.
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ _GPU = {
     "act_quant": [(BIG, dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2))],
     "w4a8_gemm": [(64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
                   (BIG, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))],
-    "sparse24_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_J=128, num_warps=4, num_stages=2))],
+    "sparse24_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_J=64, num_warps=4, num_stages=2))],
     "blockdiag": [(BIG, dict(BLOCK_M=16, num_warps=4, num_stages=1))],
 }
 

@@ -27,7 +27,7 @@ from ..packing import check_24, unpack_24
 def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, a_ptr, b_ptr, y_ptr, N, J, J_SPLIT,
                           stride_xm, stride_vn, stride_mn, stride_ym,
                           HAS_A: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, A_CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -45,17 +45,26 @@ def _sparse24_gemv_kernel(x_ptr, v_ptr, meta_ptr, a_ptr, b_ptr, y_ptr, N, J, J_S
         acc += v.to(tl.float32) * xg.to(tl.float32)
     out = tl.sum(acc, axis=1)
     if HAS_A:                                   # BLOCK_N == b: this program owns output block pid_n
-        ri = tl.arange(0, BLOCK_N)
-        a = tl.load(a_ptr + pid_n * BLOCK_N * BLOCK_N + ri[:, None] * BLOCK_N + ri[None, :]).to(tl.float32)
-        out = tl.sum(a * out[None, :], axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    y = y_ptr + m * stride_ym + rn
-    if ATOMIC:
-        tl.atomic_add(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+        # y_blk = A_blk·out, in row chunks of A_blk (a whole b×b block would not fit in registers)
+        cols = tl.arange(0, BLOCK_N)
+        for i0 in tl.static_range(0, BLOCK_N, A_CHUNK):
+            ri = i0 + tl.arange(0, A_CHUNK)
+            a = tl.load(a_ptr + pid_n * BLOCK_N * BLOCK_N + ri[:, None] * BLOCK_N + cols[None, :]).to(tl.float32)
+            _sparse_out(tl.sum(a * out[None, :], axis=1), pid_n * BLOCK_N + ri, b_ptr, y_ptr + m * stride_ym, N,
+                        pid_k, HAS_BIAS, ATOMIC)
     else:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+        _sparse_out(out, rn, b_ptr, y_ptr + m * stride_ym, N, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _sparse_out(vals, rows, b_ptr, y_ptr, N, pid_k, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    if HAS_BIAS:
+        if pid_k == 0:                          # split-K: the bias goes in once
+            vals += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + rows, vals.to(y_ptr.dtype.element_ty), mask=rows < N)
+    else:
+        tl.store(y_ptr + rows, vals.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit
@@ -72,25 +81,30 @@ def _blockdiag_kernel(x_ptr, blk_ptr, y_ptr, M, stride_xm, stride_ym,
 
 
 KERNELS = [_sparse24_gemv_kernel, _blockdiag_kernel]
+A_TILE = 4096             # elements of A_blk held in registers at once by the fused output wrapper
 
 
-def gemv_launch(x, values, meta, bias=None, armor_a=None, cfg=None) -> Launch:
+def gemv_launch(x, values, meta, bias=None, armor_a=None, cfg=None, out_dtype=None) -> Launch:
+    """``y = A·(S·x) + bias`` (A optional); ``x`` may be the fp32 output of the B wrapper."""
     m, k = x.shape
     n, j = values.shape
     cfg = dict(cfg or configs.select("sparse24_gemv", _env.device_key(x.device), m))
-    if armor_a is not None:
-        cfg["BLOCK_N"] = armor_a.shape[1]       # fused output wrapper needs BLOCK_N == b
+    if armor_a is not None:                     # the fused output wrapper needs BLOCK_N == b;
+        tile = cfg["BLOCK_N"] * cfg["BLOCK_J"]  # keep the [BLOCK_N, BLOCK_J] tile the table's size
+        cfg["BLOCK_N"] = armor_a.shape[1]
+        cfg["BLOCK_J"] = max(16, tile // cfg["BLOCK_N"])
     n_tiles = m * triton.cdiv(n, cfg["BLOCK_N"])
     j_blocks = triton.cdiv(j, cfg["BLOCK_J"])
     split = cfg.get("SPLIT_K") or configs.split_k(n_tiles, j_blocks, _env.num_sms(x.device))
     j_split = triton.cdiv(j_blocks, split) * cfg["BLOCK_J"]
     split = triton.cdiv(j, j_split)
-    y, finish = output(m, n, x.dtype, x.device, split)
+    y, finish = output(m, n, out_dtype or x.dtype, x.device, split)
     args = dict(x_ptr=x, v_ptr=values, meta_ptr=meta, a_ptr=armor_a if armor_a is not None else values,
                 b_ptr=bias if bias is not None else values, y_ptr=y, N=n, J=j, J_SPLIT=j_split,
                 stride_xm=x.stride(0), stride_vn=values.stride(0), stride_mn=meta.stride(0), stride_ym=y.stride(0))
     consts = dict(HAS_A=armor_a is not None, HAS_BIAS=bias is not None, ATOMIC=split > 1,
-                  BLOCK_N=cfg["BLOCK_N"], BLOCK_J=cfg["BLOCK_J"])
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_J=cfg["BLOCK_J"],
+                  A_CHUNK=max(1, min(cfg["BLOCK_N"], A_TILE // cfg["BLOCK_N"])))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, m)
     return Launch(_sparse24_gemv_kernel, grid, args, consts, **launch_opts(cfg), outputs=[y, finish])
 
@@ -115,7 +129,7 @@ def _run(launch: Launch):
 def linear(x, values, meta, bias=None, armor_a=None, armor_b=None, cfg=None) -> torch.Tensor:
     """Triton path of :func:`reference.sparse24_linear` for 2-D contiguous ``x``."""
     h = _run(blockdiag_launch(x, armor_b.contiguous()))[0] if armor_b is not None else x
-    y, finish = _run(gemv_launch(h, values, meta, bias, armor_a, cfg))
+    y, finish = _run(gemv_launch(h, values, meta, bias, armor_a, cfg, out_dtype=x.dtype))
     return finish(y)
 
 

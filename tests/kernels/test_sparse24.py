@@ -1,0 +1,70 @@
+"""2:4 gather-GEMV (+ fused ARMOR output wrapper) and the block-diagonal input kernel."""
+import pytest
+import torch
+
+from tensorpress.kernels import ops, reference
+from tensorpress.kernels.testing import poisoned, random_24, rel_err
+
+pytest.importorskip("triton")
+
+
+def oracle(x, S):
+    d = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in S.items()}
+    return reference.sparse24_linear(x.double(), **d)
+
+
+@pytest.mark.parametrize("m,n,k,armor,bias,dtype", [
+    (1, 100, 256, 0, True, torch.float16),       # N not a multiple of BLOCK_N
+    (3, 128, 144, 0, False, torch.float32),      # K/2 not a multiple of BLOCK_J
+    (1, 128, 256, 32, True, torch.float32),
+    (2, 64, 128, 64, False, torch.float16),
+    (4, 96, 96, 16, True, torch.float32),
+])
+def test_sparse24_linear_matches_reference(interpret, m, n, k, armor, bias, dtype):
+    S = random_24(n, k, armor=armor, bias=bias, dtype=dtype, seed=m + armor)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    y = ops.sparse24_linear(x, **S)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, oracle(x, S)) < (3e-3 if dtype == torch.float16 else 2e-5)
+
+
+@pytest.mark.parametrize("split,armor", [(1, 0), (3, 0), (2, 32)])
+def test_gemv_launch_poisoned(interpret, split, armor):
+    from tensorpress.kernels import sparse24
+    m, n, k = 2, 96, 192
+    S = random_24(n, k, armor=armor, bias=True, dtype=torch.float32, seed=split)
+    x = poisoned((m, k), torch.float32).copy_(torch.randn(m, k))
+    values = poisoned(S["values"].shape, torch.float32).copy_(S["values"])
+    meta = poisoned(S["meta"].shape, torch.int32).copy_(S["meta"])
+    h = sparse24._run(sparse24.blockdiag_launch(x, S["armor_b"]))[0] if armor else x
+    launch = sparse24.gemv_launch(h, values, meta, S["bias"], S["armor_a"],
+                                  cfg=dict(BLOCK_N=32, BLOCK_J=32, SPLIT_K=split))
+    assert launch.consts["ATOMIC"] == (split > 1)
+    y = poisoned((m, n), torch.float32)
+    if split > 1:
+        y.zero_()
+    launch.args.update(y_ptr=y, stride_ym=y.stride(0))
+    launch()
+    assert rel_err(y, oracle(x, S)) < 2e-5
+    assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
+
+
+def test_blockdiag_kernel(interpret):
+    from tensorpress.kernels import sparse24
+    x = torch.randn(5, 96).half()
+    blocks = torch.randn(3, 32, 32).half()
+    y = sparse24._run(sparse24.blockdiag_launch(x, blocks))[0]
+    assert y.dtype == torch.float32
+    assert rel_err(y, reference.blockdiag(x.double(), blocks.double())) < 1e-6
+
+
+def test_non_power_of_two_armor_falls_back(interpret):
+    S = random_24(48, 48, armor=24, dtype=torch.float32)
+    x = torch.randn(2, 48)
+    assert torch.equal(ops.sparse24_linear(x, **S), reference.sparse24_linear(x, **S))
+
+
+def test_armor_shapes_validated():
+    S = random_24(64, 64, armor=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"armor_b \(3, 16, 16\) is not \[64/b, b, b\]"):
+        ops.sparse24_linear(torch.randn(1, 64), **dict(S, armor_b=S["armor_b"][:3]))

@@ -1,0 +1,76 @@
+"""W4A8 + low-rank (SVDQuant path): activation quantisation bit-exact, int8 GEMM vs the reference."""
+import pytest
+import torch
+
+from tensorpress.kernels import ops, reference
+from tensorpress.kernels.testing import poisoned, random_w4, rel_err
+
+pytest.importorskip("triton")
+
+
+def layer(n, k, group, **kw):
+    L = random_w4(n, k, group, **kw)
+    L.pop("bits")
+    return L
+
+
+def oracle(x, L, **kw):
+    d = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v
+         for k, v in L.items()}
+    return reference.w4a8_linear(x.double(), **d, **kw)
+
+
+@pytest.mark.parametrize("m,k,ag,smooth,dtype", [
+    (5, 256, -1, True, torch.float16), (20, 256, 64, False, torch.float32), (3, 100, -1, True, torch.float32),
+    (17, 192, 32, True, torch.bfloat16)])
+def test_act_quant_bit_exact(interpret, m, k, ag, smooth, dtype):
+    from tensorpress.kernels import w4a8
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(m, k, generator=g) * 4).to(dtype)
+    x[0, : k // 2] = 0                                         # an all-zero group must stay finite
+    s = torch.rand(k, generator=g) + 0.5 if smooth else None
+    down = torch.randn(32, k, generator=g).to(dtype)
+    q, sx, t = w4a8.quantize(poisoned((m, k), dtype).copy_(x), None if s is None else 1.0 / s, down, ag)
+    q_ref, sx_ref = reference.quantize_activations(x, s, ag)
+    assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)   # same rounding, bit for bit
+    assert rel_err(t[0], x.double() @ down.double().t()) < 1e-5
+
+
+@pytest.mark.parametrize("m,n,k,group,ag,rank,bias,smooth,dtype", [
+    (1, 96, 256, 64, -1, 32, True, True, torch.float16),
+    (20, 130, 256, 128, 64, 16, False, True, torch.float32),
+    (33, 72, 192, 32, 32, 0, True, False, torch.float16),
+    (64, 64, 100, -1, -1, 32, True, True, torch.float32),   # per-channel weights, K tail
+])
+def test_w4a8_linear_matches_reference(interpret, m, n, k, group, ag, rank, bias, smooth, dtype):
+    L = layer(n, k, group, sym=False, rank=rank, bias=bias, dtype=dtype, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).to(dtype)
+    s = torch.rand(k) + 0.5 if smooth else None
+    y = ops.w4a8_linear(x, **L, smooth=s, act_group_size=ag)
+    assert y.dtype == dtype
+    assert rel_err(y, oracle(x, L, smooth=s, act_group_size=ag)) < (3e-3 if dtype == torch.float16 else 2e-5)
+
+
+def test_unsupported_layouts_fall_back_to_reference(interpret):
+    L = layer(48, 128, 64, act_order=True, dtype=torch.float32)          # g_idx: no int8 tile grouping
+    x = torch.randn(4, 128)
+    assert torch.equal(ops.w4a8_linear(x, **L), reference.w4a8_linear(x, **L))
+    L = layer(48, 120, 24, dtype=torch.float32)                          # no BLOCK_K ≥ 32 divides 24
+    x = torch.randn(4, 120)
+    assert torch.equal(ops.w4a8_linear(x, **L), reference.w4a8_linear(x, **L))
+
+
+def test_gemm_launch_poisoned(interpret):
+    from tensorpress.kernels import w4a8
+    m, n, k = 20, 100, 128
+    L = layer(n, k, 64, sym=False, rank=32, bias=True, dtype=torch.float32)
+    P = {a: poisoned(v.shape, v.dtype).copy_(v) if isinstance(v, torch.Tensor) else v for a, v in L.items()}
+    x = torch.randn(m, k)
+    q, sx, t = w4a8.quantize(x, None, L["lr_down"], 64)
+    launch = w4a8.gemm_launch(q, sx, P["qweight"], P["scales"], P["qzeros"], 64, 64, torch.float32, P["bias"], t,
+                              P["lr_up"], cfg=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32))
+    y = poisoned((m, n), torch.float32)
+    launch.args.update(y_ptr=y, stride_ym=y.stride(0))
+    launch()
+    assert rel_err(y, oracle(x, L, act_group_size=64)) < 2e-5
+    assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
