@@ -56,17 +56,34 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+def write_shards(directory: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, dict]:
+    """Write ``tensors`` as safetensors shards (split above ``max_shard_bytes``, with a
+    ``model.safetensors.index.json`` when there are several). Returns ``{shard: {size, sha256}}``."""
+    from safetensors.torch import save_file
+
     shards, cur, size = [], {}, 0
-    for k, v in state.items():
+    for k, v in tensors.items():
         b = v.numel() * v.element_size()
-        if cur and size + b > max_bytes:
+        if cur and size + b > max_shard_bytes:
             shards.append(cur)
             cur, size = {}, 0
         cur[k] = v
         size += b
     shards.append(cur)
-    return shards
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    info, weight_map = {}, {}
+    for name, part in zip(names, shards):
+        p = directory / name
+        save_file(part, p, metadata=metadata)
+        info[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        weight_map.update({k: name for k in part})
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        (directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=1))
+    return info
 
 
 @contextmanager
@@ -106,24 +123,11 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, recipe=None,
          extra_files: dict[str, str] | None = None, overwrite: bool = False,
          max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write ``model`` (with compressed modules) as a native checkpoint at ``out``, atomically."""
-    from safetensors.torch import save_file
     from .. import __version__
 
     with atomic_dir(out, overwrite) as tmp:
-        shards = _shards(_unique_state(model), max_shard_bytes)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        meta = {"format": "pt", "producer": f"tensorpress {__version__}"}
-        shard_info, weight_map = {}, {}
-        for name, tensors in zip(names, shards):
-            p = tmp / name
-            save_file(tensors, p, metadata=meta)
-            shard_info[name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-            weight_map.update({k: name for k in tensors})
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": sum(s["size"] for s in shard_info.values())}, "weight_map": weight_map},
-                indent=1))
+        shard_info = write_shards(tmp, _unique_state(model), {"format": "pt", "producer": f"tensorpress {__version__}"},
+                                  max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)

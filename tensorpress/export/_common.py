@@ -210,29 +210,10 @@ def write_checkpoint(tmp: Path, src: Source, tensors: dict[str, torch.Tensor], c
                      metadata: dict[str, str], extra_json: dict[str, dict] | None = None,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write shards (+ index), aux files, extra JSON files and config.json into ``tmp``."""
-    from safetensors.torch import save_file
+    from ..checkpoint.io import write_shards
 
-    shards, cur, size = [], {}, 0
-    for k in sorted(tensors):
-        v = tensors[k]
-        b = v.numel() * v.element_size()
-        if cur and size + b > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += b
-    shards.append(cur)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     meta = {"format": "pt", **{k: str(v) for k, v in metadata.items()}}
-    weight_map, total = {}, 0
-    for name, part in zip(names, shards):
-        save_file(part, tmp / name, metadata=meta)
-        total += sum(v.numel() * v.element_size() for v in part.values())
-        weight_map.update({k: name for k in part})
-    if len(shards) > 1:
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}, indent=1))
+    write_shards(tmp, {k: tensors[k] for k in sorted(tensors)}, meta, max_shard_bytes)
 
     copied = set()
     if src.src_dir is not None:
