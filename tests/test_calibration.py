@@ -127,3 +127,21 @@ def test_user_calibration_sources(tmp_path):
         got = load_calibration(tmp_path / src, None, 3, 50)
         assert torch.equal(got[1], torch.arange(50, 100)), src
     assert load_calibration(["hello world " * 10], tok, 2, 30).shape == (2, 30)
+
+
+def test_shared_input_memo_survives_address_reuse():
+    """q/k/v share one Gram per batch; a freed input whose address the next input reuses must not
+    hand the next linear a stale Gram (regression: the memo was keyed by data_ptr alone)."""
+    import torch.nn as nn
+    from tensorpress.calib.collectors import InputCollector
+    a, b = nn.Linear(96, 8), nn.Linear(96, 8)
+    col = InputCollector({"a": a, "b": b}, {"a": {"gram"}, "b": {"gram"}})
+    x1 = torch.randn(64, 96)
+    ref_a = x1.T.double() @ x1.double()
+    col._accumulate("a", x1)
+    del x1
+    x2 = torch.randn(64, 96) * 3           # the CPU allocator typically reuses x1's block here
+    col._accumulate("b", x2)
+    ref_b = x2.T.double() @ x2.double()
+    assert torch.allclose(col.stats["a"].gram_sum, ref_a, atol=1e-4 * float(ref_a.abs().max()))
+    assert torch.allclose(col.stats["b"].gram_sum, ref_b, atol=1e-4 * float(ref_b.abs().max()))

@@ -90,9 +90,12 @@ class InputCollector:
         return hook
 
     def _compute(self, x: torch.Tensor, what: str) -> torch.Tensor:
-        # Shared per input tensor within one batch: q/k/v (and gate/up) read the same x.
+        # Shared per input tensor within one batch: q/k/v (and gate/up) read the same x. The memo
+        # keeps x alive: a freed x's address could otherwise be reused by the next input of the same
+        # shape within the batch (attention's input → the MLP's), which would then hit a stale entry.
         key = (x.data_ptr(), tuple(x.shape), what)
-        if key not in self._memo:
+        hit = self._memo.get(key)
+        if hit is None or hit[0] is not x:
             xf = x.detach().reshape(-1, x.shape[-1]).float()
             if what == "gram":
                 v = (xf.t() @ xf).double()
@@ -102,8 +105,8 @@ class InputCollector:
                 v = xf.abs().sum(0).double()
             else:
                 v = xf.abs().amax(0)
-            self._memo[key] = v
-        return self._memo[key]
+            self._memo[key] = (x, v)
+        return self._memo[key][1]
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         s, needs = self.stats[name], self.needs[name]
@@ -130,33 +133,40 @@ class InputCollector:
 
 
 def collect_fisher(model: nn.Module, samples: torch.Tensor, modules: dict[str, nn.Module],
-                   progress: bool = True) -> dict[str, LinearStats]:
+                   batch_size: int = 4, progress: bool = True) -> dict[str, LinearStats]:
     """Empirical Fisher of the weights of ``modules`` from per-sequence LM-loss gradients.
 
-    For each sequence s, ``G_s = ∂L_s/∂W`` is formed from the captured input and output gradient
-    of the linear (never stored across sequences), and ``Σ_s G_s²`` is accumulated reduced to one
-    value per input column (``fisher_in``) and per output row (``fisher_out``): memory is O(in+out)
-    per linear, whatever the number of samples.
+    The loss of each sequence is its token-mean next-token cross-entropy (FWSVD's "one gradient per
+    sample"); a batch's loss is the *sum* of its sequences' losses, so, as sequences do not interact
+    in a causal LM, sequence ``b``'s gradient is ``G_b = g_bᵀ x_b`` from the linear's output gradient
+    and input of that sequence alone. ``Σ_b G_b²`` is accumulated (fp64) reduced to one value per
+    input column (``fisher_in``) and per output row (``fisher_out``): memory stays
+    O(batch·out·in) for the one linear being processed, whatever the number of samples.
+    ``n_tokens`` counts the sequences.
     """
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in modules.items():
-        handles.append(mod.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, i[0].detach())))
 
-        def bwd(m, gin, gout, name=name):
-            g = gout[0].detach().reshape(-1, gout[0].shape[-1]).double()
-            x = inputs.pop(name).reshape(-1, inputs_dim[name]).double()
-            G = g.t() @ x                                            # [out, in]
-            G2 = G * G
-            st = stats[name]
-            st.fisher_in = G2.sum(0) if st.fisher_in is None else st.fisher_in + G2.sum(0)
-            st.fisher_out = G2.sum(1) if st.fisher_out is None else st.fisher_out + G2.sum(1)
-            st.n_tokens += 1
-        handles.append(mod.register_full_backward_hook(bwd))
-    inputs_dim = {n: m.in_features for n, m in modules.items()}
+    def on_forward(name):
+        def hook(mod, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(g, x=x):
+                G = torch.einsum("bto,bti->boi", g.float(), x.float())        # per-sequence gradients
+                G2 = G * G
+                _check_finite(G2, name)
+                st = stats[name]
+                fin, fout = G2.sum((0, 1)).double(), G2.sum((0, 2)).double()
+                st.fisher_in = fin if st.fisher_in is None else st.fisher_in + fin
+                st.fisher_out = fout if st.fisher_out is None else st.fisher_out + fout
+            output.register_hook(on_grad)
+        return hook
+
+    handles = [m.register_forward_hook(on_forward(n)) for n, m in modules.items()]
     was_training = model.training
     req = {p: p.requires_grad for p in model.parameters()}
     try:
@@ -164,12 +174,18 @@ def collect_fisher(model: nn.Module, samples: torch.Tensor, modules: dict[str, n
         for p in model.parameters():
             p.requires_grad_(False)
         emb = model.get_input_embeddings()
-        for ids in tqdm(samples, desc="fisher", unit="seq", disable=not progress, leave=False):
-            ids = ids[None]
-            # Gradients must flow to every hooked linear: make the embedding output require grad.
-            h = emb(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=h, labels=ids, use_cache=False)
-            out.loss.backward()
+        starts = range(0, len(samples), batch_size)
+        for s in tqdm(starts, desc="fisher", unit="batch", disable=not progress, leave=False):
+            ids = samples[s:s + batch_size]
+            with torch.enable_grad():
+                # Gradients must reach every hooked linear: make the embedding output a leaf that needs grad.
+                h = emb(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=h, use_cache=False).logits
+                ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+                ce.view(len(ids), -1).mean(1).sum().backward()
+            del logits, ce, h
+            for st in stats.values():
+                st.n_tokens += len(ids)
     finally:
         for hd in handles:
             hd.remove()

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..calib.collectors import InputCollector, LinearStats
+from ..calib.collectors import InputCollector, LinearStats, collect_fisher
 from ..calib.pipeline import capture, run_block
 from ..errors import TensorpressError
 from ..evaluate import peak_rss_bytes
@@ -66,14 +66,93 @@ def plan(model: nn.Module, recipe) -> dict[str, list]:
     return out
 
 
+def _needs(stages_by_name: dict, full: str) -> set[str]:
+    return {"gram"} | set().union(*(s.compressor.requires for s in stages_by_name[full]))
+
+
+def _with_fisher(stats: LinearStats, fisher: dict | None, full: str) -> LinearStats:
+    if fisher is not None and full in fisher:
+        stats.fisher_in, stats.fisher_out = fisher[full].fisher_in, fisher[full].fisher_out
+    return stats
+
+
+def _has(stages: list, stage) -> bool:
+    return any(x is stage for x in stages)
+
+
+def _budget_stages(recipe, stages_by_name) -> list:
+    used = {id(s) for stages in stages_by_name.values() for s in stages}
+    return [s for s in recipe.stages if id(s) in used and getattr(s.compressor, "needs_allocation", False)]
+
+
+def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher: dict | None,
+                     progress: bool = True) -> dict[str, dict[str, int]]:
+    """Ranks for every stage with a ``budget`` (see :mod:`.budget`); returns
+    ``{"<k>:<method>": {linear: rank}}`` (``k`` counts the budgeted stages in recipe order).
+
+    ``sensitivity`` allocation runs the dense model over the calibration batches once more, block by
+    block, and measures each targeted linear's spectrum in the stage's own metric (statistics are
+    dropped as soon as a block is measured, so memory stays one block's).
+    """
+    from .budget import LayerShape
+    stages = _budget_stages(recipe, stages_by_name)
+    if not stages:
+        return {}
+    prefix = layers_prefix(model)
+    layers = decoder_layers(model)
+    mods = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in target_linears(layer).items()}
+    spectra: dict[int, dict[str, torch.Tensor]] = {id(s): {} for s in stages}
+    sens = [s for s in stages if s.compressor.needs_sensitivity]
+    for s in sens:
+        for full, ss in stages_by_name.items():
+            if _has(ss, s) and ss[0] is not s:
+                raise TensorpressError(f"allocation 'sensitivity' needs '{s.compressor.name}' to be the first stage "
+                                       f"of every linear it targets ({full} has '{ss[0].compressor.name}' before it)")
+    if sens:
+        hidden = list(cap.hidden)
+        last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
+        for i, layer in enumerate(tqdm(layers[:last + 1], desc="sensitivity", unit="block", disable=not progress,
+                                       leave=False)):
+            calls = [c[i] for c in cap.calls]
+            targets = {n: m for n, m in target_linears(layer).items()
+                       if any(_has(stages_by_name.get(f"{prefix}.{i}.{n}", []), s) for s in sens)}
+            if not targets:
+                hidden = run_block(layer, hidden, calls)
+                continue
+            needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
+            with InputCollector(targets, needs) as col:
+                hidden = run_block(layer, hidden, calls, after_batch=col.next_batch)
+            for n, m in targets.items():
+                full = f"{prefix}.{i}.{n}"
+                ctx = LinearContext(full, m, m, _with_fisher(col.stats[n], fisher, full))
+                for s in sens:
+                    if _has(stages_by_name.get(full, []), s):
+                        spectra[id(s)][full] = s.compressor.spectrum(ctx).float()
+            del col
+    out = {}
+    for k, s in enumerate(stages):
+        comp = s.compressor
+        shapes = []
+        for full, ss in stages_by_name.items():
+            if _has(ss, s):
+                m = mods[full]
+                ctx = LinearContext(full, m, m, LinearStats(m.in_features))
+                shapes.append(LayerShape(full, m.out_features, m.in_features, comp.factor_bits(ctx)))
+        out[f"{k}:{comp.name}"] = comp.allocate(shapes, spectra[id(s)])
+    return out
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_size: int | None = None,
                    stats_source: str | None = None, progress: bool = True, log_file=None,
-                   on_record=None) -> list[LayerRecord]:
+                   on_record=None, fisher: dict[str, LinearStats] | None = None) -> list[LayerRecord]:
     """Compress ``model`` in place with ``recipe`` on calibration token windows ``samples [n, L]``.
 
     Returns one :class:`LayerRecord` per compressed linear; each is also written as a JSON line to
-    ``log_file`` and passed to ``on_record`` as soon as the linear is done.
+    ``log_file`` and passed to ``on_record`` as soon as the linear is done. Stages that need the
+    Fisher information (FWSVD) get it from backward passes of the LM loss over ``samples`` on the
+    dense model before anything is compressed, unless ``fisher`` (from
+    :func:`tensorpress.calib.collectors.collect_fisher`) is given.
     """
     batch_size = batch_size or recipe.calibration["batch_size"]
     stats_source = stats_source or recipe.calibration["stats_source"]
@@ -82,9 +161,22 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     prefix = layers_prefix(model)
     records: list[LayerRecord] = []
 
+    fisher_names = [n for n, ss in stages_by_name.items() if any("fisher" in s.compressor.requires for s in ss)]
+    if fisher_names and fisher is None:
+        all_mods = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in target_linears(layer).items()}
+        with torch.enable_grad():
+            fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
+                                    batch_size=min(batch_size, 4), progress=progress)
+    missing = [n for n in fisher_names if fisher is None or n not in fisher]
+    if missing:
+        raise TensorpressError(f"no Fisher information given for {missing[0]}")
+
     cap = capture(model, samples, batch_size)
-    hidden = cap.hidden
-    dense_hidden = list(hidden) if stats_source == "dense" else None
+    allocate_budgets(model, recipe, stages_by_name, cap, fisher, progress)
+    # With dense statistics, every block's inputs come from the dense stream alone: the compressed
+    # model's activations are never needed, so only one stream (one pass per block) is run.
+    hidden = cap.hidden if stats_source != "dense" else None
+    dense_hidden = list(cap.hidden) if stats_source == "dense" else None
     bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
     last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
     for i, layer in enumerate(layers):
@@ -93,12 +185,12 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
         calls = [c[i] for c in cap.calls]
         targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
         if not targets:
-            hidden = run_block(layer, hidden, calls)
+            if hidden is not None:
+                hidden = run_block(layer, hidden, calls)
             if dense_hidden is not None:
                 dense_hidden = run_block(layer, dense_hidden, calls)
             continue
-        needs = {n: {"gram"} | set().union(*(s.compressor.requires for s in stages_by_name[f"{prefix}.{i}.{n}"]))
-                 for n in targets}
+        needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
         with InputCollector(targets, needs) as col:
             stream = dense_hidden if dense_hidden is not None else hidden
             outs = run_block(layer, stream, calls, after_batch=col.next_batch)
@@ -108,7 +200,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
         for name, mod in targets.items():
             full = f"{prefix}.{i}.{name}"
             t0 = time.perf_counter()
-            ctx = LinearContext(full, mod, mod, col.stats[name])
+            ctx = LinearContext(full, mod, mod, _with_fisher(col.stats[name], fisher, full))
             for stage in stages_by_name[full]:
                 ctx.current = stage.compressor.compress(ctx)
             new = ctx.current
@@ -130,7 +222,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
             bar.set_postfix_str(f"{name} err={err:.4f}")
             bar.update(1)
         del col
-        if i < last:
+        if i < last and hidden is not None:
             hidden = run_block(layer, hidden, calls)
     bar.close()
     return records

@@ -79,3 +79,61 @@ def whitened_lowrank(E: torch.Tensor, H: torch.Tensor, rank: int, sqrt: str = "e
     U, sig, Vh = torch.linalg.svd(E.double() @ S, full_matrices=False)
     down, up = split_factors(U[:, :rank], sig[:rank], Vh[:rank] @ S_inv, sigma_side)
     return down.to(dtype), up.to(dtype)
+
+
+def scaled_lowrank(E: torch.Tensor, rank: int, col_scale: torch.Tensor | None = None,
+                   row_scale: torch.Tensor | None = None, sigma_side: str = "both", dtype=torch.float32):
+    """Rank-``rank`` ``M`` minimising the diagonally weighted error ``‖R (E − M) C‖_F``.
+
+    ``R = diag(row_scale)``, ``C = diag(col_scale)`` (positive; ``None`` = identity): ``R E C = UΣVᵀ``,
+    ``M = R⁻¹ U_r Σ_r V_rᵀ C⁻¹`` — exact (Eckart–Young in the rescaled space), one exact SVD in fp64.
+    ASVD (``C = diag(m^α)``) and FWSVD (``C`` or ``R`` = ``diag(√Fisher)``) are this with their own
+    scales. Returns ``(down [r, in], up [out, r])``.
+    """
+    E = E.double()
+    c = None if col_scale is None else col_scale.double()
+    r = None if row_scale is None else row_scale.double()
+    for s, what in ((c, "column"), (r, "row")):
+        if s is not None and not (bool(torch.isfinite(s).all()) and bool((s > 0).all())):
+            raise TensorpressError(f"{what} scales of a weighted SVD must be finite and positive")
+    Es = E if c is None else E * c[None, :]
+    Es = Es if r is None else Es * r[:, None]
+    U, S, Vh = torch.linalg.svd(Es, full_matrices=False)
+    U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    if c is not None:
+        Vh = Vh / c[None, :]
+    if r is not None:
+        U = U / r[:, None]
+    down, up = split_factors(U, S, Vh, sigma_side)
+    return down.to(dtype), up.to(dtype)
+
+
+def positive_scale(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """``v + eps·mean(v)`` for a non-negative importance vector: strictly positive, and the result of
+    a weighted SVD stays invariant to a global rescaling of ``v`` (a fixed absolute epsilon would
+    not be: Fisher values are ~1e-8, activation means ~1). An all-zero ``v`` becomes all ones."""
+    v = v.double().clamp_min(0)
+    m = v.mean()
+    if not bool(torch.isfinite(m)):
+        raise TensorpressError("importance scales contain NaN/Inf")
+    if float(m) == 0.0:
+        return torch.ones_like(v)
+    return v + eps * m
+
+
+def weighted_spectrum(E: torch.Tensor, col_scale: torch.Tensor | None = None,
+                      row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared singular values of ``R E C`` (descending): the error of truncating at rank ``r`` in the
+    method's own metric is the sum of the entries past ``r`` (what the budget allocator uses)."""
+    E = E.double()
+    if col_scale is not None:
+        E = E * col_scale.double()[None, :]
+    if row_scale is not None:
+        E = E * row_scale.double()[:, None]
+    return torch.linalg.svdvals(E) ** 2
+
+
+def whitened_spectrum(E: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of ``E S`` (``S Sᵀ = H``): tail sums are output errors on the inputs."""
+    S, _ = gram_sqrt(H)
+    return torch.linalg.svdvals(E.double() @ S) ** 2

@@ -1,44 +1,52 @@
-"""Truncated SVD baselines: plain SVD and SVD-LLM's activation-whitened SVD (arXiv 2403.07378,
-training-free "SVD-LLM (W)"). Rank from ``rank`` or ``ratio`` (fraction of parameters *kept*)."""
+"""The truncated-SVD family: plain SVD, SVD-LLM (W), ASVD and FWSVD.
+
+Each factorises the weight into ``up [out, r] @ down [r, in]`` (a :class:`LowRankLinear`), and
+differs only in the metric the truncation is optimal for:
+
+==========  =======================================  ===============================================
+method      minimises                                 scales (``lowrank.py``)
+==========  =======================================  ===============================================
+svd         ‖W − Ŵ‖_F                                 none
+svd-llm     ‖X(W − Ŵ)ᵀ‖_F (calibration output error)  ``S Sᵀ = XᵀX/N`` (arXiv 2403.07378, training-free)
+asvd        ‖(W − Ŵ) diag(s)‖_F, ``s = m^α + 1e-6``    ``m`` = mean |x| (or max |x|) per input channel
+                                                     (arXiv 2312.05821; exact SVD, not randomised)
+fwsvd       Σ_j f_j ‖W_:j − Ŵ_:j‖²,  D = diag(√f)       ``f`` = Fisher of the LM loss summed per input
+                                                     column (or per output row), arXiv 2207.00112
+==========  =======================================  ===============================================
+
+Rank: ``rank``, ``ratio`` (fraction of the layer's parameters **kept** by the two factors,
+``r = ⌊ρ·out·in/(out+in)⌋``) or a ``budget`` over every layer the stage targets (see
+:mod:`.budget`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import TensorpressError
 from ..nn import LowRankLinear
 from .base import Compressor, LinearContext, check_number, register
-from .lowrank import resolve_rank, truncated_svd, whitened_lowrank
+from .budget import BudgetParams, LowRankStage
+from .lowrank import positive_scale, scaled_lowrank, truncated_svd, weighted_spectrum, whitened_lowrank, \
+    whitened_spectrum
 
 
 @dataclass
-class SVDParams:
-    ratio: float | None = None       # fraction of the layer's parameters kept by the two factors
-    rank: int | None = None
-    sigma_side: str = "both"
+class SVDParams(BudgetParams):
+    sigma_side: str = "both"         # where Σ goes: both factors (√Σ each), "up" or "down"
 
 
-class _SVDBase(Compressor):
+class _SVDBase(LowRankStage):
     Params = SVDParams
 
     def validate(self):
-        p = self.params
-        if (p.ratio is None) == (p.rank is None):
-            raise TensorpressError(f"method '{self.name}' needs exactly one of 'ratio' or 'rank'")
-        if p.ratio is not None:
-            check_number("ratio", p.ratio, 0, 1, lo_open=True)
-        if p.rank is not None:
-            check_number("rank", p.rank, 1, integer=True)
-        if p.sigma_side not in ("both", "up", "down"):
+        super().validate()
+        if self.params.sigma_side not in ("both", "up", "down"):
             raise TensorpressError("sigma_side must be one of both, up, down")
 
-    def rank_for(self, ctx: LinearContext) -> int:
-        m = ctx.original
-        return resolve_rank(m.out_features, m.in_features, self.params.rank, self.params.ratio, ctx.name)
-
-    def check_layer(self, ctx: LinearContext):
-        self.rank_for(ctx)
-
-    def _module(self, ctx, down, up):
+    def compress(self, ctx: LinearContext):
+        down, up = self.factorise(ctx, self.rank_for(ctx))
         m = LowRankLinear(ctx.original.in_features, ctx.original.out_features, ctx.bias is not None,
                           down.shape[0], ctx.dtype)
         m.down.data.copy_(down)
@@ -47,14 +55,20 @@ class _SVDBase(Compressor):
             m.bias.data.copy_(ctx.bias)
         return m
 
+    def factorise(self, ctx: LinearContext, rank: int):
+        raise NotImplementedError
+
 
 @register
 class SVD(_SVDBase):
     name = "svd"
-    description = "plain truncated SVD of the weight (rank or parameter ratio kept)"
+    description = "plain truncated SVD of the weight (rank, parameter ratio kept, or a global budget)"
 
-    def compress(self, ctx):
-        return self._module(ctx, *truncated_svd(ctx.current_weight(), self.rank_for(ctx), self.params.sigma_side))
+    def factorise(self, ctx, rank):
+        return truncated_svd(ctx.current_weight(), rank, self.params.sigma_side, dtype=torch.float64)
+
+    def spectrum(self, ctx):
+        return weighted_spectrum(ctx.current_weight())
 
 
 @register
@@ -63,7 +77,81 @@ class SVDLLM(_SVDBase):
     description = "SVD-LLM (W): truncation-aware SVD whitened by the activation Gram"
     requires = frozenset({"gram"})
 
-    def compress(self, ctx):
-        down, up = whitened_lowrank(ctx.current_weight(), ctx.stats.gram(), self.rank_for(ctx),
-                                    sigma_side=self.params.sigma_side)
-        return self._module(ctx, down, up)
+    def factorise(self, ctx, rank):
+        return whitened_lowrank(ctx.current_weight(), ctx.stats.gram(), rank, sigma_side=self.params.sigma_side,
+                                dtype=torch.float64)
+
+    def spectrum(self, ctx):
+        return whitened_spectrum(ctx.current_weight(), ctx.stats.gram())
+
+
+@dataclass
+class ASVDParams(SVDParams):
+    alpha: float = 0.5               # exponent of the activation statistic (paper default)
+    statistic: str = "abs_mean"      # "abs_mean" (default) or "abs_max" per input channel
+
+
+@register
+class ASVD(_SVDBase):
+    name = "asvd"
+    description = "ASVD: SVD of W·diag(m^α), m = mean (or max) |activation| per input channel"
+    Params = ASVDParams
+    requires = frozenset({"abs_mean", "abs_max"})      # both are one cheap reduction per batch
+
+    def validate(self):
+        super().validate()
+        check_number("alpha", self.params.alpha, 0, 4)
+        if self.params.statistic not in ("abs_mean", "abs_max"):
+            raise TensorpressError("asvd statistic must be 'abs_mean' or 'abs_max'")
+
+    def scales(self, ctx) -> torch.Tensor:
+        m = ctx.stats.abs_mean() if self.params.statistic == "abs_mean" else ctx.stats.abs_max
+        if m is None:
+            raise TensorpressError(f"{ctx.name}: activation statistic {self.params.statistic} was not collected")
+        # The paper's +1e-6 keeps s positive for dead channels; α = 0 gives s ≡ 1 (+1e-6): plain SVD.
+        return m.double().clamp_min(0) ** self.params.alpha + 1e-6
+
+    def factorise(self, ctx, rank):
+        return scaled_lowrank(ctx.current_weight(), rank, col_scale=self.scales(ctx),
+                              sigma_side=self.params.sigma_side, dtype=torch.float64)
+
+    def spectrum(self, ctx):
+        return weighted_spectrum(ctx.current_weight(), col_scale=self.scales(ctx))
+
+
+@dataclass
+class FWSVDParams(SVDParams):
+    fisher_axis: str = "in"          # one weight per input column (default, as every LLM port) or "out"
+    eps: float = 1e-6                # relative: D = √f + eps·mean(√f), so scaling F changes nothing
+
+
+@register
+class FWSVD(_SVDBase):
+    name = "fwsvd"
+    description = "FWSVD: SVD weighted by √(Fisher) per input column (or output row), Fisher from LM-loss gradients"
+    requires = frozenset({"fisher"})
+    Params = FWSVDParams
+
+    def validate(self):
+        super().validate()
+        if self.params.fisher_axis not in ("in", "out"):
+            raise TensorpressError("fisher_axis must be 'in' (per input column) or 'out' (per output row)")
+        check_number("eps", self.params.eps, 0, 1, lo_open=True)
+
+    def scales(self, ctx):
+        st = ctx.stats
+        f = st.fisher_in if self.params.fisher_axis == "in" else st.fisher_out
+        if f is None:
+            raise TensorpressError(f"{ctx.name}: the Fisher information was not collected")
+        # FWSVD's convention: the weight is √(Σ F), not (Σ F)^{1/4} as ASVD's "fisher" mode gives.
+        d = positive_scale(f.double().clamp_min(0).sqrt(), self.params.eps)
+        return (d, None) if self.params.fisher_axis == "in" else (None, d)
+
+    def factorise(self, ctx, rank):
+        c, r = self.scales(ctx)
+        return scaled_lowrank(ctx.current_weight(), rank, col_scale=c, row_scale=r, sigma_side=self.params.sigma_side,
+                              dtype=torch.float64)
+
+    def spectrum(self, ctx):
+        c, r = self.scales(ctx)
+        return weighted_spectrum(ctx.current_weight(), col_scale=c, row_scale=r)

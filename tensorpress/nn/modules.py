@@ -21,27 +21,33 @@ class CompressedLinear(nn.Module):
     FORMAT: ClassVar[str] = ""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, rank: int = 0,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, lr_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.dtype_ = dtype
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.lr_down = self.lr_up = None
         if rank:
-            self.set_correction(torch.zeros(rank, in_features, dtype=dtype), torch.zeros(out_features, rank, dtype=dtype))
+            d = lr_dtype or dtype
+            self.set_correction(torch.zeros(rank, in_features, dtype=d), torch.zeros(out_features, rank, dtype=d))
 
     # --- correction -----------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
         return 0 if self.lr_down is None else self.lr_down.shape[0]
 
-    def set_correction(self, down: torch.Tensor | None, up: torch.Tensor | None) -> None:
+    def set_correction(self, down: torch.Tensor | None, up: torch.Tensor | None,
+                       dtype: torch.dtype | None = None) -> None:
+        """Attach ``(down [r, in], up [out, r])``, stored in ``dtype`` (default: the dtype they come in
+        when it is a float16/bfloat16/float32 type, else the module dtype). Corrections are often
+        kept in fp16 (what PEFT adapters ship) on an fp32 model; maths upcasts to the input dtype."""
         if down is None:
             self.lr_down = self.lr_up = None
             return
         assert down.shape[1] == self.in_features and up.shape[0] == self.out_features and down.shape[0] == up.shape[1]
-        self.lr_down = nn.Parameter(down.to(self.dtype_).contiguous(), requires_grad=False)
-        self.lr_up = nn.Parameter(up.to(self.dtype_).contiguous(), requires_grad=False)
+        d = dtype or (down.dtype if down.dtype in (torch.float16, torch.bfloat16, torch.float32) else self.dtype_)
+        self.lr_down = nn.Parameter(down.to(d).contiguous(), requires_grad=False)
+        self.lr_up = nn.Parameter(up.to(d).contiguous(), requires_grad=False)
 
     def correction_weight(self) -> torch.Tensor | None:
         return None if self.lr_down is None else self.lr_up.float() @ self.lr_down.float()
@@ -53,8 +59,11 @@ class CompressedLinear(nn.Module):
 
     def config(self) -> dict:
         """JSON description enough to rebuild an empty module of the same shapes."""
-        return {"format": self.FORMAT, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "rank": self.rank}
+        cfg = {"format": self.FORMAT, "in_features": self.in_features, "out_features": self.out_features,
+               "bias": self.bias is not None, "rank": self.rank}
+        if self.lr_down is not None and self.lr_down.dtype != self.dtype_:
+            cfg["lr_dtype"] = str(self.lr_down.dtype).removeprefix("torch.")
+        return cfg
 
     @classmethod
     def from_config(cls, cfg: dict, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
@@ -92,8 +101,8 @@ class DenseLinear(CompressedLinear):
 
     FORMAT = "dense"
 
-    def __init__(self, in_features, out_features, bias, rank=0, dtype=torch.float32):
-        super().__init__(in_features, out_features, bias, rank, dtype)
+    def __init__(self, in_features, out_features, bias, rank=0, dtype=torch.float32, lr_dtype=None):
+        super().__init__(in_features, out_features, bias, rank, dtype, lr_dtype)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype), requires_grad=False)
 
     def base_weight(self):
@@ -101,7 +110,7 @@ class DenseLinear(CompressedLinear):
 
     @classmethod
     def from_config(cls, cfg, dtype=torch.float32):
-        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg.get("rank", 0), dtype)
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg.get("rank", 0), dtype, lr_dtype_of(cfg))
 
 
 class LowRankLinear(CompressedLinear):
@@ -109,8 +118,9 @@ class LowRankLinear(CompressedLinear):
 
     FORMAT = "lowrank"
 
-    def __init__(self, in_features, out_features, bias, factor_rank: int, dtype=torch.float32):
-        super().__init__(in_features, out_features, bias, 0, dtype)
+    def __init__(self, in_features, out_features, bias, factor_rank: int, dtype=torch.float32, rank: int = 0,
+                 lr_dtype=None):
+        super().__init__(in_features, out_features, bias, rank, dtype, lr_dtype)
         self.down = nn.Parameter(torch.zeros(factor_rank, in_features, dtype=dtype), requires_grad=False)
         self.up = nn.Parameter(torch.zeros(out_features, factor_rank, dtype=dtype), requires_grad=False)
 
@@ -122,14 +132,18 @@ class LowRankLinear(CompressedLinear):
         return self.up.float() @ self.down.float()
 
     def forward(self, x):
-        return kernels.lowrank_linear(x, self.down, self.up, self.bias)
+        y = kernels.lowrank_linear(x, self.down, self.up, self.bias)
+        if self.lr_down is not None:          # a correction stage fitted on top of the factorisation
+            y = y + kernels.lowrank_linear(x, self.lr_down, self.lr_up)
+        return y
 
     def config(self):
         return {**super().config(), "factor_rank": self.factor_rank}
 
     @classmethod
     def from_config(cls, cfg, dtype=torch.float32):
-        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["factor_rank"], dtype)
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["factor_rank"], dtype,
+                   cfg.get("rank", 0), lr_dtype_of(cfg))
 
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, factor_rank={self.factor_rank}, bias={self.bias is not None}"
@@ -146,8 +160,8 @@ class QuantLinear(CompressedLinear):
     FORMAT = "quant"
 
     def __init__(self, in_features, out_features, bias, bits: int, group_size: int, sym: bool = True,
-                 has_g_idx: bool = False, rank: int = 0, dtype=torch.float32):
-        super().__init__(in_features, out_features, bias, rank, dtype)
+                 has_g_idx: bool = False, rank: int = 0, dtype=torch.float32, lr_dtype=None):
+        super().__init__(in_features, out_features, bias, rank, dtype, lr_dtype)
         self.bits, self.group_size, self.sym = bits, group_size, sym
         g = in_features if group_size == -1 else group_size
         n_groups = (in_features + g - 1) // g
@@ -187,11 +201,21 @@ class QuantLinear(CompressedLinear):
     @classmethod
     def from_config(cls, cfg, dtype=torch.float32):
         return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["bits"], cfg["group_size"],
-                   cfg.get("sym", True), cfg.get("g_idx", False), cfg.get("rank", 0), dtype)
+                   cfg.get("sym", True), cfg.get("g_idx", False), cfg.get("rank", 0), dtype, lr_dtype_of(cfg))
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
                 f"sym={self.sym}, rank={self.rank}, bias={self.bias is not None}")
+
+
+def lr_dtype_of(cfg: dict) -> torch.dtype | None:
+    """The stored dtype of a module's correction factors, from its config (``None``: module dtype)."""
+    name = cfg.get("lr_dtype")
+    if name is None:
+        return None
+    if name not in ("float16", "bfloat16", "float32"):
+        raise KeyError(f"unsupported lr_dtype {name!r}")
+    return getattr(torch, name)
 
 
 FORMATS: dict[str, type[CompressedLinear]] = {c.FORMAT: c for c in (DenseLinear, LowRankLinear, QuantLinear)}
