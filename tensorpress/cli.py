@@ -180,8 +180,10 @@ def cmd_export(a) -> int:
     opts = {}
     if a.checkpoint_format:
         opts["checkpoint_format"] = a.checkpoint_format
-    out = export(a.path, a.output, a.format, **opts)
+    out = export(a.path, a.output, a.format, adapter=not a.no_adapter, **opts)
     print(f"exported {a.format} checkpoint: {out}")
+    if (Path(out) / "lora" / "adapter_config.json").is_file():
+        print(f"low-rank corrections as a PEFT LoRA adapter: {Path(out) / 'lora'}")
     return 0
 
 
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", "-f", required=True, choices=["gptq", "compressed-tensors"])
     x.add_argument("--output", "-o", required=True, help="directory to create (must not exist)")
     x.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="GPTQ zero-point convention (default: gptq = v1 for symmetric models, gptq_v2 for asymmetric)")
+    x.add_argument("--no-adapter", action="store_true", help="refuse models with low-rank corrections instead "
+                   "of writing them as a PEFT LoRA adapter in OUT/lora (the default)")
     x.set_defaults(func=cmd_export)
     return p
 

@@ -183,7 +183,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, tiny_q):
     m = copy.deepcopy(tiny_q)
     q = m.model.layers[0].self_attn.q_proj
     q.set_correction(torch.zeros(4, q.in_features), torch.zeros(q.out_features, 4))
-    cases.append((m, "gptq", {}, "low-rank correction"))
+    cases.append((m, "gptq", {"adapter": False}, "low-rank corrections"))
     m = copy.deepcopy(tiny_q)
     m.model.layers[1].mlp.down_proj = LowRankLinear(96, 64, False, 8)
     cases.append((m, "compressed-tensors", {}, "low-rank factorised"))
@@ -358,12 +358,28 @@ CASES = {
     # bfloat16 model (RTN-quantised in place, asymmetric): dtype handling of config, dense tensors, scales
     "qwen_bf16": (lambda: _quantize_all(make_tiny("qwen2", seed=6, tied=True).to(torch.bfloat16), sym=False), None,
                   {"g2": ("gptq", {}), "ct": ("compressed-tensors", {})}),
+    # GPTQ + EoRA: base in GPTQ / compressed-tensors, corrections as a PEFT LoRA adapter in out/lora
+    "llama_w4_eora": (lambda: make_tiny("llama", seed=8, tied=False), [G4, {"method": "eora", "rank": 8}],
+                      {"g1": ("gptq", {}), "ct": ("compressed-tensors", {})}),
+    # per-module ranks (a correction on some modules only, two ranks): rank_pattern / full-name targets
+    "qwen_eora_pattern": (lambda: make_tiny("qwen2", seed=9, tied=True),
+                          [G4, {"method": "eora", "rank": 4, "targets": r"layers\.0\.self_attn\.q_proj|v_proj|down"},
+                           {"method": "eora", "rank": 4, "targets": r"layers\.1\.mlp\.down"}],
+                          {"g1": ("gptq", {}), "ct": ("compressed-tensors", {})}),
     "llama_mixed": (lambda: make_tiny("llama", seed=5),
                     [{**G4, "targets": "q_proj|k_proj|v_proj|o_proj"},
                      {"method": "rtn", "bits": 8, "group_size": -1, "sym": False, "targets": "gate|up|down"}],
                     {"ct": ("compressed-tensors", {})}),
 }
 LOADERS = {"gptq": ("hf", "gptqmodel"), "compressed-tensors": ("hf",)}
+# with a PEFT adapter: transformers + PEFT for both bases; GPTQModel's own Lora for a uniform rank
+LOADERS_LR = {"gptq": ("hf_peft", "gptqmodel_lora"), "compressed-tensors": ("hf_peft",)}
+
+
+def _loaders(case: str, fmt: str):
+    if "eora" not in case:
+        return LOADERS[fmt]
+    return tuple(l for l in LOADERS_LR[fmt] if not (l == "gptqmodel_lora" and "pattern" in case))
 
 # Bounds on the relative error ||peer − ours||_F / ||ours||_F of the logits.
 # * compressed-tensors decompresses to the model dtype and runs a plain Linear: for fp32 models the same
@@ -407,7 +423,11 @@ def peer_runs(tmp_path_factory):
             out = export(src, root / f"{case}_{sfx}", fmt, **kw, **opts)
             if case == "qwen_actorder":     # the compressor really produced permuted groups
                 assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is True
-            for loader in LOADERS[fmt]:
+            if "eora" in case:        # the adapter is there and the base alone is NOT what we compute
+                assert (out / "lora" / "adapter_config.json").is_file()
+                jobs.append({"name": f"{case}_{sfx}_baseonly", "dir": str(out), "loader": "hf", "fmt": fmt,
+                             "ref": case, "out": str(root / f"{case}_{sfx}_baseonly.safetensors")})
+            for loader in _loaders(case, fmt):
                 jobs.append({"name": f"{case}_{sfx}_{loader}", "dir": str(out), "loader": loader, "fmt": fmt,
                              "ref": case, "out": str(root / f"{case}_{sfx}_{loader}.safetensors")})
     # negative control 1: the v1 export relabelled as v2 (zeros read one step too low)
@@ -460,7 +480,15 @@ def _strip_zero_points(src: Path, dst: Path):
 
 
 POSITIVE = [f"{case}_{sfx}_{loader}" for case, (_, _, exps) in CASES.items() for sfx, (fmt, _) in exps.items()
-            for loader in LOADERS[fmt]]
+            for loader in _loaders(case, fmt)]
+
+
+def _base_only(name: str) -> str:
+    for case, (_, _, exps) in CASES.items():
+        for sfx in exps:
+            if name.startswith(f"{case}_{sfx}_"):
+                return f"{case}_{sfx}_baseonly"
+    raise KeyError(name)
 
 
 @pytest.mark.peers
@@ -480,6 +508,10 @@ def test_peer_loads_export(peer_runs, name):
     assert rel < bound, f"{name}: relative logit error {rel:.3e} >= {bound}"
     if job["fmt"] == "gptq":                  # the GPTQ consumers must run a GPTQ kernel, not a dense Linear
         assert res["layer"] != "Linear", res
+    if "eora" in name:                        # the adapter was applied, and it matters
+        assert res.get("adapters", 0) > 0, res
+        base_only = load_file(peer_runs["jobs"][_base_only(name)]["out"])["logits"]
+        assert _rel(base_only, ref) > 3 * rel, f"{name}: the adapter does not change the logits measurably"
 
 
 @pytest.mark.peers

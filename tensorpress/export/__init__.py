@@ -13,6 +13,7 @@ its tokenizer files, generation config and recipe are copied). Writes are atomic
 (:func:`tensorpress.checkpoint.io.atomic_dir`). Anything a format cannot hold (low-rank corrections,
 factorised linears, a quantised head, several schemes in GPTQ, act-order or ragged groups in
 compressed-tensors, asymmetric GPTQ v1) raises :class:`tensorpress.errors.TensorpressError`.
+Low-rank corrections of a quantised base go into a PEFT LoRA adapter beside it (``out/lora``).
 
 This package imports torch, safetensors, json and tensorpress.nn / packing / checkpoint only.
 """
@@ -29,7 +30,7 @@ _ALIASES = {"gptq": "gptq", "compressed-tensors": "compressed-tensors", "compres
 
 
 def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None, overwrite: bool = False,
-           max_shard_bytes: int | None = None, **options) -> Path:
+           max_shard_bytes: int | None = None, adapter: bool = True, **options) -> Path:
     """Export ``src`` (model or native checkpoint dir) to ``out`` in format ``fmt``; returns ``out``.
 
     Options:
@@ -38,6 +39,10 @@ def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None
         source's recipe is used when not given);
       * ``overwrite`` — replace an existing ``out`` (atomically);
       * ``max_shard_bytes`` — shard the safetensors above this size (default 4 GiB);
+      * ``adapter`` — when the model carries low-rank corrections (EoRA, …), write the bare base in
+        ``fmt`` and the corrections as a PEFT LoRA adapter in ``out/lora`` (``lora_alpha = r``):
+        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out + "/lora")``
+        computes what the tensorpress model does (default ``True``; ``False`` refuses such models);
       * GPTQ only: ``checkpoint_format`` — ``"gptq"`` (v1, stored zeros ``z − 1``; the default for
         symmetric models) or ``"gptq_v2"`` (actual zeros; the default, and the only choice, for
         asymmetric ones).
@@ -63,8 +68,18 @@ def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None
     else:
         from .compressed_tensors import export_compressed_tensors
         write = lambda tmp: export_compressed_tensors(source, tmp, max_shard_bytes=max_shard_bytes)  # noqa: E731
+    from .peft import ADAPTER_SUBDIR, corrections, corrections_detached, write_adapter
+    has_lr = bool(corrections(source.model))
+    if has_lr and not adapter:
+        raise TensorpressError("the model carries low-rank corrections, which the base formats cannot hold; "
+                               "export them as a PEFT LoRA adapter (adapter=True, CLI --adapter), or merge them first")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write(tmp)
+        if has_lr:
+            with corrections_detached(source.model):
+                write(tmp)
+            write_adapter(source.model, tmp / ADAPTER_SUBDIR, {"producer": "tensorpress", "base_format": key})
+        else:
+            write(tmp)
     return Path(out)
 
 

@@ -6,8 +6,9 @@ Run with the peers interpreter (transformers + gptqmodel + optimum + compressed-
 
 ``jobs.json``: ``{"ids": [[...], ...], "jobs": [{"name": str, "dir": str, "loader": L, "out": path}]}``
 with ``L`` one of ``hf`` (``AutoModelForCausalLM.from_pretrained(dir, device_map="cpu")``: GPTQ goes
-through optimum + gptqmodel, compressed-tensors through compressed-tensors) or ``gptqmodel``
-(``GPTQModel.load(dir, device="cpu")``). Each job writes ``out`` (safetensors: ``logits`` fp32) or
+through optimum + gptqmodel, compressed-tensors through compressed-tensors), ``hf_peft`` (the same,
+then ``peft.PeftModel.from_pretrained(model, dir/lora)``), ``gptqmodel``
+(``GPTQModel.load(dir, device="cpu")``) or ``gptqmodel_lora`` (with ``adapter=Lora(r, dir/lora)``). Each job writes ``out`` (safetensors: ``logits`` fp32) or
 records its error; a summary JSON is printed on the last stdout line and written next to jobs.json
 as ``results.json``: ``{name: {"ok": bool, "error": str, "dtype": str, "layer": str, "seconds": float}}``.
 """
@@ -32,15 +33,41 @@ def _layer_type(model) -> str:
     return "?"
 
 
+def _adapters(model) -> int:
+    """Modules with a LoRA applied (PEFT ``lora_A`` containers or GPTQModel ``adapter.lora_A``)."""
+    n = 0
+    for m in model.modules():
+        la = getattr(m, "lora_A", None)
+        if isinstance(la, torch.nn.ModuleDict) and len(la):
+            n += 1
+        elif getattr(getattr(m, "adapter", None), "lora_A", None) is not None:
+            n += 1
+    return n
+
+
 def run_job(job, ids):
     loader = job["loader"]
-    if loader == "hf":
+    adapter_dir = os.path.join(job["dir"], "lora")
+    if loader in ("hf", "hf_peft"):
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(job["dir"], device_map="cpu")
+        kw = {}
+        if loader == "hf_peft" and job.get("fmt") == "compressed-tensors":
+            # PEFT wraps modules that have a .weight: let compressed-tensors decompress at load
+            from transformers import CompressedTensorsConfig
+            kw["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+        model = AutoModelForCausalLM.from_pretrained(job["dir"], device_map="cpu", **kw)
         net = model
-    elif loader == "gptqmodel":
+        if loader == "hf_peft":               # plain PEFT on top of the quantised base
+            from peft import PeftModel
+            net = PeftModel.from_pretrained(model, adapter_dir)
+    elif loader in ("gptqmodel", "gptqmodel_lora"):
         from gptqmodel import GPTQModel
-        model = GPTQModel.load(job["dir"], device="cpu")
+        kw = {}
+        if loader == "gptqmodel_lora":        # GPTQModel's own EoRA/LoRA path
+            from gptqmodel.adapter.adapter import Lora
+            rank = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))["r"]
+            kw["adapter"] = Lora(rank=rank, path=adapter_dir)
+        model = GPTQModel.load(job["dir"], device="cpu", **kw)
         net = model.model
     else:
         raise ValueError(f"unknown loader {loader}")
@@ -51,7 +78,7 @@ def run_job(job, ids):
     dtype = str(next(p for p in net.parameters() if p.is_floating_point()).dtype)
     if any(m == "tensorpress" or m.startswith("tensorpress.") for m in sys.modules):
         raise RuntimeError("tensorpress was imported: the export is not loadable without tensorpress code")
-    return {"dtype": dtype, "layer": _layer_type(net)}
+    return {"dtype": dtype, "layer": _layer_type(net), "adapters": _adapters(net)}
 
 
 def main():
