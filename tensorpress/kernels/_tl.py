@@ -54,14 +54,85 @@ def atomic_ok(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and cap is not None and cap >= (9, 0)
 
 
-def output(m: int, n: int, dtype: torch.dtype, device: torch.device, split: int):
+# Split-K reduction modes (the ``REDUCE`` constexpr of the split kernels).
+STORE, ATOMIC, SERIAL = 0, 1, 2
+
+
+def output(m: int, n: int, dtype: torch.dtype, device: torch.device, split: int, reduce: int = ATOMIC):
     """Output buffer for a kernel with ``split`` K-partials: zeroed when partials are atomically
-    added, fp32 when the output dtype has no usable atomics. Returns (buffer, finish)."""
-    if split == 1:
+    added, fp32 when the output dtype has no usable atomics. Returns (buffer, finish). A single
+    split, or the serial reduction (the last split writes the sum), needs neither: no extra launch."""
+    if split == 1 or reduce == SERIAL:
         return torch.empty(m, n, dtype=dtype, device=device), lambda y: y
     if atomic_ok(dtype, device):
         return torch.zeros(m, n, dtype=dtype, device=device), lambda y: y
     return torch.zeros(m, n, dtype=torch.float32, device=device), lambda y: y.to(dtype)
+
+
+_LOCKS: dict = {}
+_RETIRED: list = []
+LOCKS_MIN = 1 << 14
+
+
+def reduce_mode(cfg: dict, split: int, tiles: int, device: torch.device) -> tuple[int, Any]:
+    """(REDUCE, lock buffer) for a launch with ``split`` partials over ``tiles`` output tiles.
+
+    ``SERIAL`` (the default, config ``REDUCE: "serial"``): each split writes its fp32 partial to a
+    workspace and counts itself on the tile's arrival counter; the last to arrive sums the partials
+    in split order (deterministic), applies the epilogue, stores the output and resets the counter.
+    One launch, no zero-filled output, fp32 accumulation for every dtype. ``ATOMIC`` (config
+    ``REDUCE: "atomic"``): partials atomically added into a zeroed output (one extra fill launch).
+
+    The counters are persistent, zero-initialised int32 buffers that every kernel leaves zeroed:
+    one per (device, stream) for eager launches, so that kernels running concurrently on different
+    streams never share a counter, and one per device for launches captured into CUDA graphs (the
+    replay stream is unknown at capture time; graphs replayed concurrently on several streams of
+    one device should set ``REDUCE: "atomic"``). Buffers are allocated (once, both kinds) outside
+    capture; a capture that would need a new or larger one falls back to ``ATOMIC``."""
+    if split == 1:
+        return STORE, None
+    if cfg.get("REDUCE", "serial") == "atomic":
+        return ATOMIC, None
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    dev = str(device)
+    key = (dev, "graph") if capturing else (dev, torch.cuda.current_stream(device).cuda_stream
+                                             if device.type == "cuda" else 0)
+    buf = _LOCKS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if capturing:
+            return ATOMIC, None
+        size = max(tiles, LOCKS_MIN)
+        buf = _LOCKS[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        graph = _LOCKS.get((dev, "graph"))
+        if device.type == "cuda" and (graph is None or graph.numel() < size):
+            if graph is not None:
+                _RETIRED.append(graph)           # graphs captured earlier still point at it: never free
+            _LOCKS[(dev, "graph")] = torch.zeros(size, dtype=torch.int32, device=device)
+    return SERIAL, buf
+
+
+@triton.jit
+def arrive(lock_ptr, n_splits):
+    """Count this program's partial on its tile's counter (after all of its threads' partial
+    stores: barrier, then an acq_rel atomic). True for the last of ``n_splits`` arrivals."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu")
+    return prev == n_splits - 1
+
+
+@triton.jit
+def sum_splits(ws_ptr, offs, mask, n_splits, stride_ws):
+    """``Σ_s ws[s, offs]`` in split order (L2 loads: the partials were written by other SMs)."""
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, n_splits):
+        total += tl.load(ws_ptr + s * stride_ws + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def release(lock_ptr):
+    """Reset a tile's arrival counter for the next launch (by the last arrival only)."""
+    tl.atomic_xchg(lock_ptr, 0)
 
 
 @triton.jit
@@ -126,3 +197,19 @@ def lowrank_up_vec(acc, t_ptr, up_ptr, m, rn, N, R, T_SPLITS, stride_ts, stride_
                     mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(tl.float32)
         acc += tl.sum(u * t[None, :], axis=1)
     return acc
+
+
+@triton.jit
+def up_vec(acc, t, up_ptr, rn, rr, N, R, stride_un):
+    """``acc + up[rn]·t`` for a row vector ``t [BLOCK_R]`` held in registers (fused GEMV epilogue)."""
+    u = tl.load(up_ptr + rn[:, None] * stride_un + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                other=0.0).to(tl.float32)
+    return acc + tl.sum(u * t[None, :], axis=1)
+
+
+@triton.jit
+def up_dot(acc, t, up_ptr, rn, rr, N, R, stride_un, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``acc + t·up[rn]ᵀ`` for ``t [BLOCK_M, BLOCK_R]`` held in registers (fused GEMM epilogue)."""
+    u = tl.load(up_ptr + rn[:, None] * stride_un + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R),
+                other=0.0)
+    return acc + tl.dot(t.to(DOT), tl.trans(u.to(DOT)), input_precision=PREC)

@@ -41,18 +41,35 @@ def _variants(cc: int):
     def layer(dtype, **kw):
         return testing.random_w4(n, k, kw.pop("group", 128), dtype=dtype, **kw)
 
+    lim = configs.thresholds(key)
     for kernel, rows in tab.items():
         for i, (max_m, cfg) in enumerate(rows):
             m = min(max_m, 64)
+            min_m = rows[i - 1][0] + 1 if i else 1               # the smallest M this row serves
             for dtype in half:
                 full = dtype == torch.float16        # fp16: every epilogue; bf16: act-order, plain
                 x = torch.zeros(m, k, dtype=dtype)
                 tag = f"{kernel}[{i}] {str(dtype)[6:]}"
                 if kernel in ("w4a16_gemv", "w4a16_gemm"):
-                    L = layer(dtype, rank=32 if full else 0, bias=full, act_order=not full)
-                    t = torch.zeros(4, m, 32) if full else None
-                    yield tag, w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], L["g_idx"], 128,
-                                                   L["bias"], t, L["lr_up"], kernel[6:], cfg)
+                    path = kernel[6:]
+                    if full:     # fused low-rank (one launch) at ranks 32 and 64, default and atomic split-K,
+                        fused = ((32, {}), (64, {"REDUCE": "atomic"}), (64, {"SPLIT_K": 1}))   # where dispatched
+                        for rank, over in fused if min_m <= lim["lr_fused_max_m"] else ():
+                            L = layer(dtype, rank=rank, bias=True)
+                            la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 128, L["bias"],
+                                                     None, L["lr_up"], path, {**cfg, **over}, down=L["lr_down"])
+                            yield f"{tag} lr=fused r={rank} reduce={la.consts['REDUCE']}", la
+                        L = layer(dtype, rank=128, bias=True)     # high rank or M: precomputed t
+                        t = torch.zeros(4, m, 128)
+                        la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 128, L["bias"], t,
+                                                 L["lr_up"], path, cfg)
+                        yield f"{tag} lr=t r=128 reduce={la.consts['REDUCE']}", la
+                    else:
+                        L = layer(dtype, act_order=True)
+                        for over in ({}, {"REDUCE": "atomic"}):
+                            la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], L["g_idx"], 128,
+                                                     None, None, None, path, {**cfg, **over})
+                            yield f"{tag} act-order reduce={la.consts['REDUCE']}", la
                 elif kernel == "w4_dequant":
                     L = layer(dtype, act_order=not full)
                     yield tag, w4a16.dequantize_launch(L["qweight"], L["scales"], L["qzeros"], L["g_idx"], 128, k,

@@ -27,10 +27,16 @@ BIG = 1 << 62
 # ``fused_max_m``, then Triton dequantise + cuBLAS (backend ``auto`` only). Low-rank: Triton up to
 # ``lowrank_max_m``, then two cuBLAS GEMMs. 2:4: Triton GEMV up to ``sparse_max_m``, then PyTorch
 # semi-structured (cuSPARSELt / CUTLASS) where the shape allows.
-THRESHOLDS = {"gemv_max_m": 1, "fused_max_m": 128, "lowrank_max_m": 16, "sparse_max_m": 8}
+# W4A16 low-rank corrections up to rank ``lr_fused_max_rank`` and M ≤ ``lr_fused_max_m`` are computed
+# inside the W4A16 kernel (one launch, x read once). The fused form recomputes its share of x·downᵀ in
+# every output tile (R/BLOCK_N more MMA work), free while the kernel is memory-bound (W4A16 on an H100
+# turns compute-bound near M ≈ 61–76, docs/kernels.md §2.2) but not above; higher ranks or M use the
+# down-projection kernel + epilogue.
+THRESHOLDS = {"gemv_max_m": 1, "fused_max_m": 128, "lowrank_max_m": 16, "sparse_max_m": 8,
+              "lr_fused_max_rank": 64, "lr_fused_max_m": 64}
 
 _GPU = {
-    "w4a16_gemv": [(BIG, dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2))],
+    "w4a16_gemv": [(BIG, dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2))],
     "w4a16_gemm": [(16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
                    (64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
                    (BIG, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3))],

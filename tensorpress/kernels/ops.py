@@ -12,8 +12,13 @@ Every op is a ``torch.library.custom_op`` in the ``tensorpress`` namespace (opaq
   op                  Triton kernels                              large M (backend ``auto`` only)
   ==================  ==========================================  =====================================
   quant_linear (4b)   M ≤ gemv_max_m: split-K GEMV; else tl.dot    M > fused_max_m (fp32 x: M > gemv_max_m):
-                      GEMM; low-rank: down kernel + fused epilogue Triton dequantise + cuBLAS, ``addmm``
-                                                                   for the low-rank term
+                      GEMM. Low-rank term (rank ≤                  Triton dequantise + cuBLAS, ``addmm``
+                      lr_fused_max_rank, M ≤ lr_fused_max_m)       for the low-rank term
+                      fused: x·downᵀ from the
+                      x tiles the kernel loads, up-projection in
+                      the epilogue — one launch (split-K reduced
+                      in-kernel). Higher ranks: down kernel +
+                      epilogue.
   w4a8_linear         act-quant (+smooth, +down) → int8 GEMM       same Triton kernels
   lowrank_linear      down kernel + up kernel                      M > lowrank_max_m: two cuBLAS GEMMs
   sparse24_linear     ARMOR B kernel → 2:4 gather-GEMV (+A fused)  M > sparse_max_m: PyTorch
@@ -70,9 +75,13 @@ def _quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_
         if lr_down is not None:
             y.addmm_(x2 @ lr_down.to(x.dtype).t(), lr_up.to(x.dtype).t())
     else:
-        t = None if lr_down is None else _env.kernel_module("lowrank").down(x2, lr_down.contiguous())
         path = "gemv" if m <= lim["gemv_max_m"] else "gemm"
-        y = w4.matmul(x2, qweight, scales, qzeros, g_idx, group_size, _c(bias), t, _c(lr_up), path)
+        down = t = None
+        if lr_down is not None and lr_down.shape[0] <= lim["lr_fused_max_rank"] and m <= lim["lr_fused_max_m"]:
+            down = lr_down.contiguous()               # one launch: x·downᵀ fused into the main kernel
+        elif lr_down is not None:                     # high rank: down-projection kernel + epilogue
+            t = _env.kernel_module("lowrank").down(x2, lr_down.contiguous())
+        y = w4.matmul(x2, qweight, scales, qzeros, g_idx, group_size, _c(bias), t, _c(lr_up), path, down=down)
     return y.reshape(*x.shape[:-1], -1)
 
 

@@ -68,8 +68,9 @@ def test_leading_dims_and_module_dispatch(interpret):
 ])
 def test_launch_poisoned(interpret, path, m, split, group, act):
     """Inputs padded with NaN/−1 (an out-of-bounds read poisons the result), output poisoned too:
-    every element must be written (or zeroed for atomics) and the padding left alone."""
-    from tensorpress.kernels import lowrank, w4a16
+    every element must be written (split-K is reduced in the kernel, no zero-fill) and the padding
+    left alone. Low-rank term from a precomputed ``t`` (the two-kernel form)."""
+    from tensorpress.kernels import _tl, lowrank, w4a16
     n, k = 100, 192
     L = random_w4(n, k, group, sym=False, act_order=act, rank=32, bias=True, dtype=F32, seed=split)
     P = poison_all(L)
@@ -79,10 +80,8 @@ def test_launch_poisoned(interpret, path, m, split, group, act):
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split)
     launch = w4a16.matmul_launch(x, P["qweight"], P["scales"], P["qzeros"], P["g_idx"], group, P["bias"], t,
                                  P["lr_up"], path, cfg)
-    assert launch.consts["ATOMIC"] == (split > 1)
+    assert launch.consts["LR"] == 1 and launch.consts["REDUCE"] == (_tl.SERIAL if split > 1 else _tl.STORE)
     y = poisoned((m, n), F32)
-    if split > 1:
-        y.zero_()                                          # atomics accumulate into a zeroed output
     launch.args.update(y_ptr=y, stride_ym=y.stride(0))
     launch()
     assert rel_err(y, oracle(x, L)) < TOL[F32]

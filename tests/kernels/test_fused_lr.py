@@ -1,0 +1,114 @@
+"""One-launch low-rank fusion under the interpreter: W4A16 + low-rank (x·downᵀ computed from the x
+tiles the W4A16 kernel loads, up-projection in its epilogue), with the in-kernel split-K reduction
+(serial: no zero-filled output, counters left at zero)."""
+import pytest
+import torch
+
+from tensorpress.kernels import configs, ops, reference
+from tensorpress.kernels.testing import poisoned, random_w4, rel_err
+
+pytest.importorskip("triton")
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+TOL = {F16: 3e-3, F32: 2e-5, BF16: 1.6e-2}
+
+
+def oracle(x, L):
+    d = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scales" else v
+         for k, v in L.items()}
+    return reference.quant_linear(x.double(), **d)
+
+
+def poison_all(L: dict) -> dict:
+    return {k: poisoned(v.shape, v.dtype).copy_(v) if isinstance(v, torch.Tensor) else v for k, v in L.items()}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton launch (Launch.__call__) and every lowrank.down call, in order."""
+    from tensorpress.kernels import _env, _tl
+    seen = []
+    call = _tl.Launch.__call__
+    monkeypatch.setattr(_tl.Launch, "__call__", lambda self: seen.append(self.kernel.__name__) or call(self))
+    lr = _env.kernel_module("lowrank")
+    down = lr.down
+    monkeypatch.setattr(lr, "down", lambda *a, **k: seen.append("lowrank.down") or down(*a, **k))
+    return seen
+
+
+# path, M, N, K, group, rank, split, reduce, dtype
+LAUNCH_CASES = [
+    ("gemv", 1, 100, 192, 64, 32, 3, "serial", F32),    # rank = BLOCK_R
+    ("gemv", 2, 100, 200, 32, 24, 2, "serial", F16),    # rank < BLOCK_R, K tail, two rows
+    ("gemv", 1, 72, 160, 40, 16, 2, "atomic", F32),     # per-row scales (40 ∤ BLOCK_K), atomics
+    ("gemv", 1, 96, 128, 64, 64, 1, "serial", BF16),    # one split: plain store
+    ("gemm", 20, 100, 192, 64, 32, 3, "serial", F32),   # M tail, N tail
+    ("gemm", 5, 72, 200, 32, 48, 2, "atomic", F16),
+    ("gemm", 17, 64, 128, 128, 16, 1, "serial", F32),
+]
+
+
+@pytest.mark.parametrize("path,m,n,k,group,rank,split,reduce,dtype", LAUNCH_CASES)
+def test_fused_w4a16_launch_poisoned(interpret, path, m, n, k, group, rank, split, reduce, dtype):
+    """Inputs padded with NaN (an out-of-bounds read poisons the result); the output and the split
+    workspace start as NaN too (serial reduction: no zero-fill, every element written once)."""
+    from tensorpress.kernels import _tl, w4a16
+    L = random_w4(n, k, group, sym=False, act_order=group == 40, rank=rank, bias=True, dtype=dtype, seed=m + rank)
+    P = poison_all(L)
+    x = poisoned((m, k), dtype).copy_(torch.randn(m, k, generator=torch.Generator().manual_seed(k)))
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split, REDUCE=reduce)
+    launch = w4a16.matmul_launch(x, P["qweight"], P["scales"], P["qzeros"], P["g_idx"], group, P["bias"], None,
+                                 P["lr_up"], path, cfg, down=P["lr_down"])
+    mode = {1: _tl.STORE}.get(split, _tl.SERIAL if reduce == "serial" else _tl.ATOMIC)
+    assert launch.consts["LR"] == 2 and launch.consts["REDUCE"] == mode
+    assert launch.grid[1 if path == "gemv" else 2] == split
+    y = poisoned((m, n), dtype)
+    out, finish = launch.outputs
+    if mode == _tl.ATOMIC:
+        y = y.float() if out.dtype == F32 and dtype != F32 else y     # no bf16 atomics: fp32 buffer
+    launch.args.update(y_ptr=y, stride_ym=y.stride(0))
+    if mode == _tl.SERIAL:
+        launch.args["ws_ptr"] = torch.full_like(launch.args["ws_ptr"], float("nan"))
+    for _ in range(2):                       # twice: the arrival counters must reset themselves
+        if mode == _tl.ATOMIC:
+            y.zero_()
+        launch()
+        assert rel_err(y, oracle(x, L)) < TOL[dtype]
+        if mode == _tl.SERIAL:
+            assert not launch.args["lock_ptr"].any()
+    if y._base is not None:
+        assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
+
+
+@pytest.mark.parametrize("m,rank,fused", [(1, 32, True), (4, 64, True), (1, 96, False), (70, 16, False)])
+def test_dispatch_one_launch(interpret, launches, m, rank, fused):
+    """rank ≤ lr_fused_max_rank and M ≤ lr_fused_max_m: the W4A16 kernel alone (no down-projection
+    kernel, no zero-filled output); otherwise the down kernel + epilogue."""
+    lim = configs.THRESHOLDS
+    assert (rank <= lim["lr_fused_max_rank"] and m <= lim["lr_fused_max_m"]) == fused
+    L = random_w4(72, 128, 64, rank=rank, bias=True, dtype=F32, seed=rank)
+    x = torch.randn(m, 128)
+    y = ops.quant_linear(x, **L)
+    assert rel_err(y, oracle(x, L)) < TOL[F32]
+    main = "_w4a16_gemv_kernel" if m == 1 else "_w4a16_gemm_kernel"
+    assert launches == ([main] if fused else ["lowrank.down", "_lr_down_kernel", main])
+
+
+def test_threshold_zero_disables_fusion(interpret, launches, monkeypatch):
+    monkeypatch.setattr(configs, "THRESHOLDS", dict(configs.THRESHOLDS, lr_fused_max_rank=0))
+    L = random_w4(64, 128, 64, rank=16, dtype=F16)
+    x = torch.randn(1, 128).half()
+    assert rel_err(ops.quant_linear(x, **L), oracle(x, L)) < TOL[F16]
+    assert launches[0] == "lowrank.down"
+
+
+def test_reduce_mode_counters():
+    pytest.importorskip("triton")
+    from tensorpress.kernels import _tl
+    dev = torch.device("cpu")
+    assert _tl.reduce_mode({}, 1, 10, dev) == (_tl.STORE, None)
+    assert _tl.reduce_mode({"REDUCE": "atomic"}, 4, 10, dev) == (_tl.ATOMIC, None)
+    mode, buf = _tl.reduce_mode({}, 4, 10, dev)
+    assert mode == _tl.SERIAL and buf.dtype == torch.int32 and buf.numel() >= 10 and not buf.any()
+    assert _tl.reduce_mode({}, 4, 10, dev)[1] is buf                    # persistent
+    big = _tl.reduce_mode({}, 4, buf.numel() + 1, dev)[1]                # grows when needed
+    assert big.numel() > buf.numel() and not big.any()
