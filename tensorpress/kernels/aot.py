@@ -80,6 +80,11 @@ def _variants(cc: int):
                     t = torch.zeros(2, m, 32)
                     yield tag, lowrank.up_launch(t, torch.zeros(n, 32, dtype=dtype),
                                                  torch.zeros(n, dtype=dtype) if full else None, dtype, cfg)
+                elif kernel == "lr_fused":
+                    for r, over in ((32, {}), (512, {}), (512, {"REDUCE": "atomic"})) if full else ((64, {}),):
+                        la = lowrank.fused_launch(x, torch.zeros(r, k, dtype=dtype), torch.zeros(n, r, dtype=dtype),
+                                                  torch.zeros(n, dtype=dtype) if full else None, {**cfg, **over})
+                        yield f"{tag} r={r} reduce={la.consts['REDUCE']}", la
                 elif kernel == "act_quant":
                     yield tag, w4a8.act_quant_launch(x, torch.ones(k) if full else None,
                                                      torch.zeros(32, k, dtype=dtype) if full else None,

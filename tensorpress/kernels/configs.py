@@ -31,9 +31,10 @@ BIG = 1 << 62
 # inside the W4A16 kernel (one launch, x read once). The fused form recomputes its share of x·downᵀ in
 # every output tile (R/BLOCK_N more MMA work), free while the kernel is memory-bound (W4A16 on an H100
 # turns compute-bound near M ≈ 61–76, docs/kernels.md §2.2) but not above; higher ranks or M use the
-# down-projection kernel + epilogue.
+# down-projection kernel + epilogue. ``lowrank_fused_max_m``: plain low-rank up to this M runs as one
+# fused launch, above it as two kernels (or two cuBLAS GEMMs past ``lowrank_max_m`` under ``auto``).
 THRESHOLDS = {"gemv_max_m": 1, "fused_max_m": 128, "lowrank_max_m": 16, "sparse_max_m": 8,
-              "lr_fused_max_rank": 64, "lr_fused_max_m": 64}
+              "lr_fused_max_rank": 64, "lr_fused_max_m": 64, "lowrank_fused_max_m": 16}
 
 _GPU = {
     "w4a16_gemv": [(BIG, dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2))],
@@ -45,6 +46,7 @@ _GPU = {
                 (BIG, dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=3))],
     "lr_up": [(16, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2)),
               (BIG, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, num_warps=4, num_stages=3))],
+    "lr_fused": [(BIG, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=3))],
     "act_quant": [(BIG, dict(BLOCK_M=16, BLOCK_K=128, num_warps=4, num_stages=2))],
     "w4a8_gemm": [(64, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
                   (BIG, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3))],
@@ -60,6 +62,7 @@ _INTERPRET = {
     "w4_dequant": [(BIG, dict(BLOCK_N=64, BLOCK_K=64))],
     "lr_down": [(BIG, dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=64))],
     "lr_up": [(BIG, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=32))],
+    "lr_fused": [(BIG, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32))],
     "act_quant": [(BIG, dict(BLOCK_M=16, BLOCK_K=64))],
     "w4a8_gemm": [(BIG, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32))],
     "sparse24_gemv": [(BIG, dict(BLOCK_N=64, BLOCK_J=64))],

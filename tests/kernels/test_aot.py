@@ -48,3 +48,5 @@ def test_every_config_compiles(cc, compiled):
         forms = {(v.split("lr=")[1].split()[0], v.split("reduce=")[1]) for v in
                  (x["variant"] for x in results if x["kernel"] == kernel) if "lr=" in v}
         assert {("fused", "0"), ("fused", "1"), ("fused", "2"), ("t", "2")} <= forms, (kernel, forms)
+    lr = {x["variant"].split("reduce=")[1] for x in results if x["kernel"] == "_lr_fused_kernel"}
+    assert lr == {"0", "1", "2"}

@@ -1,6 +1,6 @@
 """One-launch low-rank fusion under the interpreter: W4A16 + low-rank (x·downᵀ computed from the x
-tiles the W4A16 kernel loads, up-projection in its epilogue), with the in-kernel split-K reduction
-(serial: no zero-filled output, counters left at zero)."""
+tiles the W4A16 kernel loads, up-projection in its epilogue) and the plain low-rank kernel, with
+the in-kernel split reduction (serial: no zero-filled output, counters left at zero)."""
 import pytest
 import torch
 
@@ -99,6 +99,50 @@ def test_threshold_zero_disables_fusion(interpret, launches, monkeypatch):
     x = torch.randn(1, 128).half()
     assert rel_err(ops.quant_linear(x, **L), oracle(x, L)) < TOL[F16]
     assert launches[0] == "lowrank.down"
+
+
+# --- plain low-rank, one launch -------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,n,k,r,split,reduce,bias,dtype", [
+    (1, 130, 200, 16, None, "serial", True, F16),       # N tail, K tail, one rank slice
+    (3, 100, 130, 100, 4, "serial", True, F32),         # rank split, reduced in-kernel; rank tail
+    (2, 96, 64, 80, 2, "atomic", False, F32),
+    (16, 64, 192, 40, None, "serial", True, BF16),
+])
+def test_lowrank_fused_poisoned(interpret, m, n, k, r, split, reduce, bias, dtype):
+    from tensorpress.kernels import _tl, lowrank
+    g = torch.Generator().manual_seed(m * r)
+    x = poisoned((m, k), dtype).copy_(torch.randn(m, k, generator=g))
+    down = poisoned((r, k), dtype).copy_(torch.randn(r, k, generator=g) / k ** 0.5)
+    up = poisoned((n, r), dtype).copy_(torch.randn(n, r, generator=g) * 0.1)
+    b = poisoned((n,), dtype).copy_(torch.randn(n, generator=g)) if bias else None
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, REDUCE=reduce, **({"SPLIT_R": split} if split else {}))
+    launch = lowrank.fused_launch(x, down, up, b, cfg)
+    assert launch.grid[2] == split or split is None      # default: split only to fill an H100 (here r=40: 2)
+    mode = launch.consts["REDUCE"]
+    y = poisoned((m, n), dtype)
+    if mode == _tl.ATOMIC:
+        y.zero_()
+    launch.args.update(y_ptr=y, stride_ym=y.stride(0))
+    if mode == _tl.SERIAL:
+        launch.args["ws_ptr"] = torch.full_like(launch.args["ws_ptr"], float("nan"))
+    launch()
+    ref = reference.lowrank_linear(x.double(), down.double(), up.double(), None if b is None else b.double())
+    assert rel_err(y, ref) < {F16: 3e-3, F32: 2e-5, BF16: 1.6e-2}[dtype]
+    assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
+    if mode == _tl.SERIAL:
+        assert not launch.args["lock_ptr"].any()
+
+
+def test_lowrank_dispatch_one_launch(interpret, launches):
+    g = torch.Generator().manual_seed(0)
+    down, up, b = torch.randn(48, 96, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
+    for m, expect in ((3, ["_lr_fused_kernel"]), (20, ["lowrank.down", "_lr_down_kernel", "_lr_up_kernel"])):
+        launches.clear()
+        x = torch.randn(m, 96, generator=g)
+        y = ops.lowrank_linear(x, down, up, b)
+        assert rel_err(y, reference.lowrank_linear(x.double(), down.double(), up.double(), b.double())) < 2e-5
+        assert launches == expect
 
 
 def test_reduce_mode_counters():

@@ -76,3 +76,18 @@ def test_split_k_serial_reduction_deterministic(cuda, m, k, n):
     assert rel_err(ys[0], reference.quant_linear(x.float(), **f32(L))) < TOL[torch.bfloat16]
     assert all(not b.any() for b in _tl._LOCKS.values())
 
+
+def test_lowrank_fused_graph_capture(cuda):
+    down = torch.randn(512, 4096, device=cuda, dtype=torch.bfloat16) / 64
+    up = torch.randn(4096, 512, device=cuda, dtype=torch.bfloat16) / 20
+    x = torch.randn(1, 4096, device=cuda, dtype=torch.bfloat16)
+    ops.lowrank_linear(x, down, up)                            # warm-up: compiles, allocates counters
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = ops.lowrank_linear(x, down, up)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = reference.lowrank_linear(x.float(), down.float(), up.float())
+        assert rel_err(y, ref) < TOL[torch.bfloat16]
