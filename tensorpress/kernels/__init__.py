@@ -4,6 +4,7 @@
 ``ops`` is the public entry point that dispatches to a backend (``TENSORPRESS_BACKEND``, see
 ``_env``). Triton is optional: importing this package never imports it.
 """
-from .ops import dequantize_weight, lowrank_linear, quant_linear, sparse24_linear, w4a8_linear
+from .ops import dequantize_weight, lowrank_linear, quant_linear, sparse24_linear, to_semi_structured, w4a8_linear
 
-__all__ = ["dequantize_weight", "lowrank_linear", "quant_linear", "sparse24_linear", "w4a8_linear"]
+__all__ = ["dequantize_weight", "lowrank_linear", "quant_linear", "sparse24_linear", "to_semi_structured",
+           "w4a8_linear"]

@@ -183,6 +183,16 @@ def lowrank_linear(x, down, up, bias=None):
 
 # --- 2:4 sparse (+ ARMOR) ---------------------------------------------------------------------------
 
+def to_semi_structured(w: Tensor):
+    """PyTorch semi-structured (cuSPARSELt / CUTLASS) copy of a dense 2:4 weight ``w [N, K]``,
+    validated first: ``torch.sparse.to_sparse_semi_structured`` keeps two values per group of four
+    and silently drops any others, so a weight that is not really 2:4 raises ``ValueError`` here
+    (naming the first offending row and group) instead of computing with a different matrix."""
+    from ..packing import check_24
+    check_24(w)
+    return torch.sparse.to_sparse_semi_structured(w)
+
+
 def _armor_ok(*blocks) -> bool:
     """Triton wrappers need power-of-two blocks ≥ 16 (tl.arange, tl.dot)."""
     return all(b is None or (b.shape[1] >= 16 and b.shape[1] & (b.shape[1] - 1) == 0) for b in blocks)

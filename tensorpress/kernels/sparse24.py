@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from . import _env, configs, reference
+from .ops import to_semi_structured
 from ._tl import Launch, dot_dtype, launch_opts, output
-from ..packing import check_24, unpack_24
+from ..packing import unpack_24
 
 
 @triton.jit
@@ -150,9 +151,7 @@ def _semi_weight(values, meta, in_features, dtype):
     hit = _SEMI.get(key)
     if hit is not None and hit[0]() is values and hit[1] == (values._version, dtype):
         return hit[2]
-    w = unpack_24(values, meta, in_features).to(dtype)
-    check_24(w)                                  # the converter would silently drop extra non-zeros
-    ws = torch.sparse.to_sparse_semi_structured(w)
+    ws = to_semi_structured(unpack_24(values, meta, in_features).to(dtype))   # validated conversion
     _SEMI[key] = (weakref.ref(values, lambda _, k=key: _SEMI.pop(k, None)), (values._version, dtype), ws)
     return ws
 

@@ -68,3 +68,20 @@ def test_armor_shapes_validated():
     S = random_24(64, 64, armor=16, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"armor_b \(3, 16, 16\) is not \[64/b, b, b\]"):
         ops.sparse24_linear(torch.randn(1, 64), **dict(S, armor_b=S["armor_b"][:3]))
+
+
+def test_semi_structured_conversion_validates_first(monkeypatch):
+    """``to_sparse_semi_structured`` silently drops extra non-zeros: the conversion refuses a
+    weight that is not 2:4 before calling it, and passes a real 2:4 weight through unchanged."""
+    from tensorpress import kernels
+    from tensorpress.packing import unpack_24
+    seen = []
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: seen.append(w.clone()) or "converted")
+    S = random_24(64, 128, dtype=torch.float16)
+    w = unpack_24(S["values"], S["meta"], 128)
+    assert kernels.to_semi_structured(w) == "converted" and torch.equal(seen[0], w)
+    bad = w.clone()
+    bad[5, 8:12] = torch.tensor([1.0, 2.0, 3.0, 0.0])          # three non-zeros in group 2 of row 5
+    with pytest.raises(ValueError, match="row 5, group 2"):
+        kernels.to_semi_structured(bad)
+    assert len(seen) == 1                                      # never reached the converter
