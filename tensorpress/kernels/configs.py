@@ -31,10 +31,13 @@ BIG = 1 << 62
 # inside the W4A16 kernel (one launch, x read once). The fused form recomputes its share of x·downᵀ in
 # every output tile (R/BLOCK_N more MMA work), free while the kernel is memory-bound (W4A16 on an H100
 # turns compute-bound near M ≈ 61–76, docs/kernels.md §2.2) but not above; higher ranks or M use the
-# down-projection kernel + epilogue. ``lowrank_fused_max_m``: plain low-rank up to this M runs as one
-# fused launch, above it as two kernels (or two cuBLAS GEMMs past ``lowrank_max_m`` under ``auto``).
+# down-projection kernel + epilogue. Plain low-rank runs as one fused launch up to M ≤
+# ``lowrank_fused_max_m`` and rank ≤ ``lowrank_fused_max_rank``: every output tile recomputes its
+# x·downᵀ, re-reading ``down`` (R·K elements) from L2 once per tile, which stops paying for the saved
+# launch as R grows; above, two kernels (or two cuBLAS GEMMs past ``lowrank_max_m`` under ``auto``).
 THRESHOLDS = {"gemv_max_m": 1, "fused_max_m": 128, "lowrank_max_m": 16, "sparse_max_m": 8,
-              "lr_fused_max_rank": 64, "lr_fused_max_m": 64, "lowrank_fused_max_m": 16}
+              "lr_fused_max_rank": 64, "lr_fused_max_m": 64, "lowrank_fused_max_m": 16,
+              "lowrank_fused_max_rank": 128}
 
 _GPU = {
     "w4a16_gemv": [(BIG, dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=2))],

@@ -20,7 +20,8 @@ Every op is a ``torch.library.custom_op`` in the ``tensorpress`` namespace (opaq
                       in-kernel). Higher ranks: down kernel +
                       epilogue.
   w4a8_linear         act-quant (+smooth, +down) → int8 GEMM       same Triton kernels
-  lowrank_linear      M ≤ lowrank_fused_max_m: one fused launch;   M > lowrank_max_m: two cuBLAS GEMMs
+  lowrank_linear      M ≤ lowrank_fused_max_m and rank ≤           M > lowrank_max_m: two cuBLAS GEMMs
+                      lowrank_fused_max_rank: one fused launch;
                       else down kernel + up kernel
   sparse24_linear     ARMOR B kernel → 2:4 gather-GEMV (+A fused)  M > sparse_max_m: PyTorch
                                                                    semi-structured (cuSPARSELt/CUTLASS)
@@ -162,7 +163,8 @@ def _lowrank_linear(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor])
         return reference.lowrank_linear(x, down, up, bias)
     lr = _env.kernel_module("lowrank")
     x2, down, up, bias = _rows(x, down.shape[1]), _c(down), _c(up), _c(bias)
-    if m <= _limits(x)["lowrank_fused_max_m"]:
+    lim = _limits(x)
+    if m <= lim["lowrank_fused_max_m"] and down.shape[0] <= lim["lowrank_fused_max_rank"]:
         y = lr.fused(x2, down, up, bias)                  # one launch: t = x·downᵀ stays in registers
     else:
         y = lr.lowrank_linear(x2, down, up, bias)         # down kernel + up kernel

@@ -134,15 +134,17 @@ def test_lowrank_fused_poisoned(interpret, m, n, k, r, split, reduce, bias, dtyp
         assert not launch.args["lock_ptr"].any()
 
 
-def test_lowrank_dispatch_one_launch(interpret, launches):
-    g = torch.Generator().manual_seed(0)
-    down, up, b = torch.randn(48, 96, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
-    for m, expect in ((3, ["_lr_fused_kernel"]), (20, ["lowrank.down", "_lr_down_kernel", "_lr_up_kernel"])):
-        launches.clear()
-        x = torch.randn(m, 96, generator=g)
-        y = ops.lowrank_linear(x, down, up, b)
-        assert rel_err(y, reference.lowrank_linear(x.double(), down.double(), up.double(), b.double())) < 2e-5
-        assert launches == expect
+@pytest.mark.parametrize("m,r,fused", [(3, 48, True), (20, 48, False), (2, 136, False)])
+def test_lowrank_dispatch_one_launch(interpret, launches, m, r, fused):
+    """Small M and rank ≤ lowrank_fused_max_rank: one launch; otherwise down kernel + up kernel."""
+    lim = configs.THRESHOLDS
+    assert (m <= lim["lowrank_fused_max_m"] and r <= lim["lowrank_fused_max_rank"]) == fused
+    g = torch.Generator().manual_seed(r)
+    down, up, b = torch.randn(r, 96, generator=g), torch.randn(80, r, generator=g), torch.randn(80, generator=g)
+    x = torch.randn(m, 96, generator=g)
+    y = ops.lowrank_linear(x, down, up, b)
+    assert rel_err(y, reference.lowrank_linear(x.double(), down.double(), up.double(), b.double())) < 2e-5
+    assert launches == (["_lr_fused_kernel"] if fused else ["lowrank.down", "_lr_down_kernel", "_lr_up_kernel"])
 
 
 def test_reduce_mode_counters():
