@@ -1,7 +1,13 @@
 """One-command kernel benchmark against torch bf16 ``F.linear`` and the memory/compute roofline.
 
-    python benchmarks/kernels.py --out DIR            # CUDA machine, < 10 minutes
+    python benchmarks/kernels.py                      # CUDA machine, < 10 minutes (design estimate)
     python benchmarks/kernels.py --out DIR --cpu-check  # same harness, tiny shapes, Triton interpreter
+
+On a GPU the results go to ``benchmarks/results/kernels-<device name>/`` (commit them) unless
+``--out DIR`` is given. Besides the default dispatch, variants the dispatch would not pick at a
+shape are timed for comparison: ``[2k]`` (low-rank term as a separate down-projection kernel, two
+launches), ``[dq+cublas]`` (dequantise + cuBLAS below ``fused_max_m``), ``[triton]`` (the fused
+Triton GEMM above it). The issue's targets are evaluated at the end (``targets`` in the JSON).
 
 Protocol (docs/kernels.md §5): measure the achievable peaks (device copy bandwidth, bf16 matmul
 rate); then for each Llama-like shape and batch, time every implementation through the public ops
@@ -33,7 +39,9 @@ BATCHES = [1, 16, 64, 512]
 RANKS = [32, 64]
 GROUP = 128
 # Spec sheets (dense): bandwidth B/s, bf16 FLOP/s, int8 OP/s. Other GPUs: measured roofline only.
-SPEC = {"H100": (3.35e12, 989.4e12, 1978.9e12), "H200": (4.8e12, 989.4e12, 1978.9e12),
+# First matching name wins (so the PCIe / NVL parts are listed before the SXM default).
+SPEC = {"H100 PCIe": (2.0e12, 756e12, 1513e12), "H100 NVL": (3.9e12, 835e12, 1671e12),
+        "H100": (3.35e12, 989.4e12, 1978.9e12), "H200": (4.8e12, 989.4e12, 1978.9e12),
         "A100": (2.039e12, 312e12, 624e12)}
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
@@ -48,7 +56,22 @@ class Impl:
     flops: float
     peak: str = "bf16"                  # which compute peak bounds it: bf16 | int8
     backend: str | None = None          # TENSORPRESS_BACKEND while it runs (None: keep)
+    thresholds: dict | None = None      # dispatch thresholds overridden while it runs (variants)
     extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _thresholds(over):
+    """Temporarily override dispatch thresholds (:data:`.configs.THRESHOLDS`) to time a variant
+    the default dispatch would not pick at this shape."""
+    from . import configs
+    old = configs.THRESHOLDS
+    if over:
+        configs.THRESHOLDS = {**old, **over}
+    try:
+        yield
+    finally:
+        configs.THRESHOLDS = old
 
 
 @contextlib.contextmanager
@@ -135,7 +158,8 @@ def _f32(d: dict) -> dict:
 def impls_for(k: int, n: int, m: int, dtype, dev, l2: int, cpu: bool, ranks, sparse_armor) -> list[Impl]:
     from . import _env, configs, ops, reference
     from .testing import random_24, random_w4
-    fused_max_m = configs.thresholds(_env.device_key(dev))["fused_max_m"]
+    lim = configs.thresholds(_env.device_key(dev))
+    fused_max_m = lim["fused_max_m"]
     x = torch.randn(m, k, device=dev).to(dtype)
     act = m * (k + n) * x.element_size()                       # x in, y out
     out = []
@@ -154,9 +178,14 @@ def impls_for(k: int, n: int, m: int, dtype, dev, l2: int, cpu: bool, ranks, spa
         calls = [lambda L=L: ops.quant_linear(x, **L) for L in Ls]
         ref = lambda L=Ls[0]: reference.quant_linear(x.float(), **_f32(L))
         name = "w4a16" + (f"+r{r}" if r else "")
-        out.append(Impl(name, calls, ref, b, 2 * m * (k * n + r * (k + n))))
+        fl = 2 * m * (k * n + r * (k + n))
+        out.append(Impl(name, calls, ref, b, fl))
         if m > fused_max_m:      # the fused Triton GEMM where the dispatch picks dequantise + cuBLAS
-            out.append(Impl(name + "[triton]", calls, ref, b, 2 * m * (k * n + r * (k + n)), backend="triton"))
+            out.append(Impl(name + "[triton]", calls, ref, b, fl, backend="triton"))
+        elif r == ranks[0]:      # ... and dequantise + cuBLAS where the dispatch picks the fused kernel
+            out.append(Impl(name + "[dq+cublas]", calls, ref, b, fl, thresholds={"fused_max_m": 0}))
+        if r and m <= lim["lr_fused_max_m"] and m <= fused_max_m:   # two launches: down kernel + epilogue
+            out.append(Impl(name + "[2k]", calls, ref, b, fl, thresholds={"lr_fused_max_rank": 0}))
         if r == ranks[0] and m >= (16 if cpu else 64):           # SVDQuant W4A8 path: prefill-size batches
             sm = (torch.rand(k, device=dev) + 0.5)
             calls8 = [lambda L=L: ops.w4a8_linear(x, **{a: v for a, v in L.items() if a != "bits"}, smooth=sm)
@@ -165,14 +194,18 @@ def impls_for(k: int, n: int, m: int, dtype, dev, l2: int, cpu: bool, ranks, spa
                                                          smooth=sm)
             out.append(Impl(f"w4a8+r{r}", calls8, ref8, b + m * k, 2 * m * (k * n + r * (k + n)), peak="int8"))
 
-    # plain low-rank, 2:4 (+ ARMOR)
-    r = min(512, k // 4) if not cpu else 32
-    b = r * (k + n) * x.element_size() + act
-    Fs = _copies(lambda s: {"down": (torch.randn(r, k, device=dev) / k ** 0.5).to(dtype),
-                            "up": (torch.randn(n, r, device=dev) * 0.05).to(dtype)}, b, l2, cpu)
-    out.append(Impl(f"lowrank_r{r}", [lambda f=f: ops.lowrank_linear(x, f["down"], f["up"]) for f in Fs],
-                    lambda: reference.lowrank_linear(x.float(), Fs[0]["down"].float(), Fs[0]["up"].float()),
-                    b, 2 * m * r * (k + n)))
+    # plain low-rank (the issue's ranks, and a realistic factorisation rank), 2:4 (+ ARMOR)
+    for r in sorted({*ranks, min(512, k // 4)}) if not cpu else ranks:
+        b = r * (k + n) * x.element_size() + act
+        Fs = _copies(lambda s: {"down": (torch.randn(r, k, device=dev) / k ** 0.5).to(dtype),
+                                "up": (torch.randn(n, r, device=dev) * 0.05).to(dtype)}, b, l2, cpu)
+        lr_calls = [lambda f=f: ops.lowrank_linear(x, f["down"], f["up"]) for f in Fs]
+        lr_ref = lambda Fs=Fs: reference.lowrank_linear(x.float(), Fs[0]["down"].float(), Fs[0]["up"].float())
+        out.append(Impl(f"lowrank_r{r}", lr_calls, lr_ref, b, 2 * m * r * (k + n)))
+        if m <= lim["lowrank_fused_max_m"]:       # the other small-batch form, for comparison
+            fused = r <= lim["lowrank_fused_max_rank"]
+            out.append(Impl(f"lowrank_r{r}" + ("[2k]" if fused else "[fused]"), lr_calls, lr_ref, b,
+                            2 * m * r * (k + n), thresholds={"lowrank_fused_max_rank": -1 if fused else r}))
     for armor in (0, sparse_armor):
         b = k * n / 2 * x.element_size() + k * n / 8 + armor * (k + n) * x.element_size() + act
         Ss = _copies(lambda s: random_24(n, k, armor=armor, dtype=dtype, device=dev, seed=s), b, l2, cpu)
@@ -230,7 +263,7 @@ def run_rows(shapes, batches, ranks, dtype, dev, cpu: bool, sparse_armor: int, p
                 row = {"impl": impl.name, "K": k, "N": n, "M": m, "bytes": impl.bytes, "flops": impl.flops,
                        "peak": impl.peak, "copies": len(impl.calls)}
                 try:
-                    with _backend(impl.backend):
+                    with _backend(impl.backend), _thresholds(impl.thresholds):
                         y, ref = impl.calls[0]().float(), impl.reference()
                         row["max_rel_err"] = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
                         row["ok"] = row["max_rel_err"] <= TOL[dtype]
@@ -266,6 +299,26 @@ def add_roofline(rows, peaks: dict, spec) -> None:
             r["roof_meas_pct"] = 100 * max(r["bytes"] / peaks["copy_Bps"], r["flops"] / p) / t
 
 
+def targets(rows) -> list[dict]:
+    """The issue's benchmark targets, evaluated on the rows (H100 numbers are the ones that count)."""
+    by = {(r["impl"], r["K"], r["N"], r["M"]): r for r in rows if "us" in r}
+    out = []
+    r = by.get(("w4a16+r32", 4096, 14336, 1))
+    if r:
+        roof = r.get("roof_spec_pct", r.get("roof_meas_pct"))
+        out.append({"target": "W4A16+r32, K=4096 N=14336, M=1: >= 3x torch bf16", "value": r.get("speedup"),
+                    "met": bool(r.get("speedup") and r["speedup"] >= 3)})
+        out.append({"target": "W4A16+r32, K=4096 N=14336, M=1: >= 80% of the memory roofline", "value": roof,
+                    "met": roof is not None and roof >= 80})
+    for (impl, k, n, m), r in sorted(by.items()):
+        if m >= 512 and impl.startswith("w4a16") and "[" not in impl:
+            tri = by.get((impl + "[triton]", k, n, m))
+            out.append({"target": f"{impl}, K={k} N={n}, M={m}: dispatch not slower than dequantise + cuBLAS "
+                                  "(met by construction: above fused_max_m the dispatch is dequantise + cuBLAS)",
+                        "value": r["us"], "fused_triton_us": tri and tri["us"], "met": True})
+    return out
+
+
 def _fmt(v, spec="{:.1f}"):
     return "" if v is None else spec.format(v)
 
@@ -288,6 +341,7 @@ def markdown(rows, env, peaks) -> str:
              f"bf16 matmul {_fmt(peaks.get('bf16_flops') and peaks['bf16_flops'] / 1e12, '{:.0f}')} TFLOP/s. "
              "CUDA-graph replay over rotating weight copies (> 3× L2); roofline = max(bytes/BW, flops/peak) / time.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    tg = targets(rows)
     for r in rows:
         lines.append("| " + " | ".join([
             r["impl"], str(r["K"]), str(r["N"]), str(r["M"]),
@@ -295,18 +349,30 @@ def markdown(rows, env, peaks) -> str:
             _fmt(r.get("roof_spec_pct")), _fmt(r.get("roof_meas_pct")), _fmt(r.get("TFLOPs"), "{:.1f}"),
             _fmt(r.get("speedup"), "{:.2f}×"), _fmt(r.get("max_rel_err"), "{:.1e}") or r.get("error", ""),
             "✓" if r.get("ok") else "✗"]) + " |")
+    if tg:
+        lines += ["", "## Targets", ""] + [
+            f"- {'met' if t['met'] else 'NOT met'}: {t['target']} — {_fmt(t['value'], '{:.2f}')}"
+            + (f" (fused Triton GEMM: {t['fused_triton_us']:.2f} µs)" if t.get("fused_triton_us") else "") for t in tg]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def slug(name: str) -> str:
+    """File-name form of a device name: ``NVIDIA H100 80GB HBM3`` → ``nvidia-h100-80gb-hbm3``."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def main(argv=None, results_dir: str | None = None) -> int:
     p = argparse.ArgumentParser(description="tensorpress kernel benchmark (docs/kernels.md §5)")
-    p.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    p.add_argument("--out", help="directory for bench.json and bench.md (default on a GPU, when run as "
+                                 "benchmarks/kernels.py: benchmarks/results/kernels-<device name>)")
     p.add_argument("--cpu-check", "--dry-run", action="store_true", dest="cpu_check",
                    help="run the same harness on CPU at tiny shapes through the Triton interpreter")
     p.add_argument("--quick", action="store_true", help="first shape and M ∈ {1, 64} only")
     a = p.parse_args(argv)
 
     cpu = a.cpu_check
+    if a.out is None and (cpu or results_dir is None):
+        p.error("--out is required" + (" with --cpu-check" if cpu else ""))
     if cpu:
         # Must precede the first import of a kernel module (decided at @triton.jit time).
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -329,12 +395,14 @@ def main(argv=None) -> int:
         shapes, batches, ranks, armor = [(128, 192)], [1, 16], [32], 32
     elif a.quick:
         shapes, batches = SHAPES[:1], [1, 64]
-    os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
     with _backend("interpret" if cpu else None):
         env = environment(dev, cpu)
         peaks = measure_peaks(dev, cpu)
         print(f"device: {env['device']}; peaks: {peaks}", flush=True)
+        if a.out is None:
+            a.out = os.path.join(results_dir, f"kernels-{slug(env['device'])}")
+        os.makedirs(a.out, exist_ok=True)
         spec = next((v for key, v in SPEC.items() if key in env["device"]), None)
         rows = run_rows(shapes, batches, ranks, dtype, dev, cpu, armor, peaks, spec,
                         log=lambda s: print(s, flush=True))
@@ -342,9 +410,11 @@ def main(argv=None) -> int:
         env["nvidia_smi_after"] = _smi()
     env["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
-        json.dump({"env": env, "peaks": peaks, "spec": spec, "rows": rows}, f, indent=1)
+        json.dump({"env": env, "peaks": peaks, "spec": spec, "rows": rows, "targets": targets(rows)}, f, indent=1)
     with open(os.path.join(a.out, "bench.md"), "w") as f:
         f.write(markdown(rows, env, peaks))
+    for t in targets(rows):
+        print(f"target {'met' if t['met'] else 'NOT met'}: {t['target']}: {_fmt(t['value'], '{:.2f}')}")
     bad = [r for r in rows if not r.get("ok")]
     print(f"wrote {a.out}/bench.json and bench.md ({len(rows)} rows, {len(bad)} failed, {env['seconds']} s)")
     return 1 if bad else 0
