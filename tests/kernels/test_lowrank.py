@@ -42,3 +42,16 @@ def test_down_and_up_poisoned(interpret):
     launch()
     assert rel_err(y, (x.double() @ down.double().t()) @ up.double().t()) < 1e-6
     assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
+
+
+def test_down_partials_poisoned(interpret):
+    """The fp32 K-split partials ``t [SPLITS, M, R]``: every element written (a NaN-filled buffer
+    comes back finite), rank tail and M tail included."""
+    from tensorpress.kernels import lowrank
+    m, k, r = 20, 200, 40
+    x, down = torch.randn(m, k), torch.randn(r, k)
+    launch = lowrank.down_launch(x, down, cfg=dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=64, SPLIT_K=2))
+    t = torch.full_like(launch.outputs[0], float("nan"))
+    launch.args["t_ptr"] = t
+    launch()
+    assert rel_err(t.sum(0), x.double() @ down.double().t()) < 1e-6

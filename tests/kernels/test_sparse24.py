@@ -85,3 +85,16 @@ def test_semi_structured_conversion_validates_first(monkeypatch):
     with pytest.raises(ValueError, match="row 5, group 2"):
         kernels.to_semi_structured(bad)
     assert len(seen) == 1                                      # never reached the converter
+
+
+def test_blockdiag_kernel_poisoned(interpret):
+    """Every element of the fp32 output written, padding untouched, no read outside the blocks."""
+    from tensorpress.kernels import sparse24
+    x = poisoned((5, 96), torch.float32).copy_(torch.randn(5, 96))
+    blocks = torch.randn(3, 32, 32)
+    launch = sparse24.blockdiag_launch(x, blocks)
+    y = poisoned((5, 96), torch.float32)
+    launch.args.update(y_ptr=y, stride_ym=y.stride(0))
+    launch()
+    assert rel_err(y, reference.blockdiag(x.double(), blocks.double())) < 1e-6
+    assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + 96:]).all()

@@ -74,3 +74,20 @@ def test_gemm_launch_poisoned(interpret):
     launch()
     assert rel_err(y, oracle(x, L, act_group_size=64)) < 2e-5
     assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + n:]).all()
+
+
+def test_act_quant_outputs_poisoned(interpret):
+    """Codes, scales and low-rank activations all written (outputs start as −128, never a code, or NaN),
+    M tail included."""
+    from tensorpress.kernels import w4a8
+    m, k = 19, 192
+    x = torch.randn(m, k) * 3
+    down = torch.randn(32, k)
+    launch = w4a8.act_quant_launch(x, None, down, 64)
+    q, sx, t = (torch.full_like(o, -128) if o.dtype == torch.int8 else torch.full_like(o, float("nan"))
+                for o in launch.outputs)
+    launch.args.update(q_ptr=q, sx_ptr=sx, t_ptr=t)
+    launch()
+    q_ref, sx_ref = reference.quantize_activations(x, None, 64)
+    assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)
+    assert rel_err(t[0], x.double() @ down.double().t()) < 1e-5
