@@ -9,7 +9,7 @@ OUT     ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: run test env peers assets clean-env bench-gptq
+.PHONY: run test env peers assets clean-env bench-gptq bench-lowrank
 
 ## run: create the environment, fetch the default model and text, compress with the default recipe,
 ##      print the dense-vs-compressed report table
@@ -43,6 +43,10 @@ assets: env
 ## bench-gptq: our GPTQ w4g64 vs llm-compressor's on the protocol (writes benchmarks/results/)
 bench-gptq: env peers assets
 	$(BIN)/python benchmarks/gptq_vs_llmcompressor.py --threads $(THREADS)
+
+## bench-lowrank: the low-rank family and GPTQModel's GPTQ + EoRA on the protocol (writes benchmarks/results/)
+bench-lowrank: env peers assets
+	$(BIN)/python benchmarks/lowrank.py --threads $(THREADS)
 
 clean-env:
 	rm -rf $(VENV) $(PEERS)

@@ -107,3 +107,34 @@ def test_error_paths(tiny_dir, tmp_path, args, match, capsys):
 def test_bad_argument_is_usage_error():
     r = run("compress", "x", "-r", "y", "-o", "z", "--samples", "-3")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "positive integer" in r.stderr
+
+
+def test_eora_compress_export_adapter_and_bad_rank(tiny_dir, tmp_path, capsys):
+    """GPTQ + EoRA from the CLI, exported as GPTQ base + PEFT adapter; a rank above min(out, in) and a
+    correction with no base are one-line errors before any work."""
+    from tensorpress.cli import main
+    rec = tmp_path / "ge.yaml"
+    rec.write_text("stages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n  - method: eora\n    rank: 4\n")
+    out = tmp_path / "ck"
+    assert main(["compress", str(tiny_dir / "model"), "-r", str(rec), "-o", str(out), "--calib",
+                 str(tiny_dir / "calib.txt"), "--samples", "4", "--seq-len", "32", "--no-eval", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r.get("rank") == 4 for r in rows), rows[:2]
+    assert main(["export", str(out), "-f", "gptq", "-o", str(tmp_path / "g")]) == 0
+    cfg = json.loads((tmp_path / "g" / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 4 and cfg["peft_type"] == "LORA"
+    assert main(["export", str(out), "-f", "gptq", "-o", str(tmp_path / "g2"), "--no-adapter"]) == 2
+    assert "low-rank corrections" in capsys.readouterr().err and not (tmp_path / "g2").exists()
+    for body, match in (("  - method: gptq\n    bits: 4\n    group_size: 32\n  - method: eora\n    rank: 500\n",
+                         "above min(out, in)"),
+                        ("  - method: eora\n    rank: 4\n", "no compressed base"),
+                        ("  - method: svd-llm\n    budget: {params: 0.0001}\n    allocation: sensitivity\n",
+                         "cannot be met")):
+        (tmp_path / "bad.yaml").write_text("stages:\n" + body)
+        rc = main(["compress", str(tiny_dir / "model"), "-r", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "o2"),
+                   "--calib", str(tiny_dir / "calib.txt"), "--samples", "4", "--seq-len", "32", "--no-eval", "-q"])
+        err = capsys.readouterr().err
+        _assert_one_line_error(subprocess.CompletedProcess([], rc, "", err), match)
+        assert not (tmp_path / "o2").exists()
