@@ -226,3 +226,141 @@ def module_from_config(cfg: dict, dtype: torch.dtype = torch.float32) -> Compres
     if fmt not in FORMATS:
         raise KeyError(f"unknown compressed format {fmt!r}; known: {sorted(FORMATS)}")
     return FORMATS[fmt].from_config(cfg, dtype)
+
+
+# Used only by the 2:4 and low-rank + sparse formats below.
+from ..errors import TensorpressError  # noqa: E402
+from ..kernels.reference import blockdiag  # noqa: E402
+from ..packing import pack_24, unpack_24  # noqa: E402
+
+class Sparse24Linear(CompressedLinear):
+    """A 2:4 weight stored compactly, optionally wrapped ARMOR-style: ``W = A · S · B``.
+
+    ``S`` is the 2:4 core in the kernel layout of :func:`tensorpress.packing.pack_24`
+    (``values [out, in/2]`` in the module dtype, ``meta int32 [out, ceil(in/32)]`` of 2-bit in-group
+    indices); ``armor_a [out/b, b, b]`` and ``armor_b [in/b, b, b]`` are the blocks of the optional
+    block-diagonal wrappers (stored ``[out, in]``, as :func:`tensorpress.kernels.sparse24_linear` takes
+    them). The wrappers are never merged into ``S``: that would destroy the 2:4 pattern.
+    """
+
+    FORMAT = "sparse24"
+
+    def __init__(self, in_features, out_features, bias, block_size: int = 0, dtype=torch.float32, rank: int = 0,
+                 lr_dtype=None):
+        super().__init__(in_features, out_features, bias, rank, dtype, lr_dtype)
+        if in_features % 4 or (block_size and (in_features % block_size or out_features % block_size)):
+            raise ValueError(f"sparse24 {out_features}x{in_features} with block size {block_size}: in_features must "
+                             f"be divisible by 4 and both dimensions by the block size")
+        self.block_size = block_size
+        self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype))
+        self.register_buffer("meta", torch.zeros(out_features, packed_length(in_features // 2, 2), dtype=torch.int32))
+        # All-zero metadata is not a valid index pair; (0, 1) per group is what an empty core packs to.
+        self.meta.copy_(pack_24(torch.zeros(out_features, in_features))[1])
+        self.armor_a = self.armor_b = None
+        if block_size:
+            b = block_size
+            self.armor_a = nn.Parameter(torch.zeros(out_features // b, b, b, dtype=dtype), requires_grad=False)
+            self.armor_b = nn.Parameter(torch.zeros(in_features // b, b, b, dtype=dtype), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, core: torch.Tensor, armor_a: torch.Tensor | None = None, armor_b: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, dtype=torch.float32, name: str = "weight") -> "Sparse24Linear":
+        """Pack a dense 2:4 ``core [out, in]`` (plus optional wrapper blocks and bias) into a module.
+
+        The pattern is checked on the values as they will be stored: packing keeps two positions per
+        group and would silently drop any others (sparse.md §6.2), so a non-2:4 core is an error here."""
+        out_f, in_f = core.shape
+        if (armor_a is None) != (armor_b is None):
+            raise TensorpressError(f"{name}: ARMOR needs both wrappers (armor_a and armor_b) or neither")
+        b = 0 if armor_a is None else armor_a.shape[-1]
+        core = core.to(dtype)
+        try:
+            values, meta = pack_24(core)
+        except ValueError as e:
+            raise TensorpressError(f"{name}: cannot store as sparse24: {e}") from None
+        m = cls(in_f, out_f, bias is not None, b, dtype)
+        m.values.copy_(values)
+        m.meta.copy_(meta)
+        if b:
+            if tuple(armor_a.shape) != (out_f // b, b, b) or tuple(armor_b.shape) != (in_f // b, b, b):
+                raise TensorpressError(f"{name}: ARMOR blocks {tuple(armor_a.shape)} / {tuple(armor_b.shape)} do not fit "
+                                       f"a {out_f}x{in_f} weight with block size {b}")
+            m.armor_a.data.copy_(armor_a)
+            m.armor_b.data.copy_(armor_b)
+        if bias is not None:
+            m.bias.data.copy_(bias)
+        return m
+
+    def core_weight(self) -> torch.Tensor:
+        """Dense fp32 ``[out, in]`` 2:4 core ``S`` (zeros stored)."""
+        return unpack_24(self.values, self.meta, self.in_features).float()
+
+    def base_weight(self):
+        w = self.core_weight()
+        if self.armor_b is not None:
+            # W·blockdiag(B) = rows of W through the transposed blocks; blockdiag(A)·W = the transpose trick.
+            w = blockdiag(w, self.armor_b.float().transpose(1, 2))
+            w = blockdiag(w.t(), self.armor_a.float()).t()
+        return w.contiguous()
+
+    def forward(self, x):
+        y = kernels.sparse24_linear(x, self.values, self.meta, self.in_features, self.bias, self.armor_a, self.armor_b)
+        if self.lr_down is not None:
+            y = y + kernels.lowrank_linear(x, self.lr_down, self.lr_up)
+        return y
+
+    def config(self):
+        return {**super().config(), "block_size": self.block_size}
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg.get("block_size", 0), dtype,
+                   cfg.get("rank", 0), lr_dtype_of(cfg))
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, 2:4, block={self.block_size}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+class LowRankSparseLinear(LowRankLinear):
+    """``y = (x·downᵀ)·upᵀ + x[:, channels]·sparseᵀ + b``: a factorised weight plus ``k`` dense input
+    columns (LOST-style, sparse.md §5.3): ``W ≈ up @ down``, then columns ``channels`` (sorted,
+    unique, int32 ``[k]``) get ``sparse [out, k]`` added."""
+
+    FORMAT = "lowrank_sparse"
+
+    def __init__(self, in_features, out_features, bias, factor_rank: int, n_channels: int, dtype=torch.float32,
+                 rank: int = 0, lr_dtype=None):
+        super().__init__(in_features, out_features, bias, factor_rank, dtype, rank, lr_dtype)
+        self.register_buffer("channels", torch.arange(n_channels, dtype=torch.int32))
+        self.sparse = nn.Parameter(torch.zeros(out_features, n_channels, dtype=dtype), requires_grad=False)
+
+    @property
+    def n_channels(self) -> int:
+        return self.channels.shape[0]
+
+    def base_weight(self):
+        w = super().base_weight()
+        return w.index_add(1, self.channels.long(), self.sparse.float())
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.n_channels:
+            # Gathering k input channels and one small GEMM: no sparse kernel needed (sparse.md §5.3.8).
+            y = y + F.linear(x.index_select(-1, self.channels.long()), self.sparse.to(x.dtype))
+        return y
+
+    def config(self):
+        return {**super().config(), "n_channels": self.n_channels}
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["factor_rank"], cfg["n_channels"], dtype,
+                   cfg.get("rank", 0), lr_dtype_of(cfg))
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, factor_rank={self.factor_rank}, "
+                f"channels={self.n_channels}, bias={self.bias is not None}")
+
+
+FORMATS.update({c.FORMAT: c for c in (Sparse24Linear, LowRankSparseLinear)})
