@@ -14,6 +14,9 @@ Parameters, exactly one of:
 * ``pattern: "N:M"``: **N kept** of every M consecutive inputs (``"2:4"`` keeps 2 of 4; quote it in
   YAML, where an unquoted 2:4 is the number 124);
 * ``n_keep`` + ``m``: the same as numbers.
+
+``storage: compact`` (2:4 only) stores the result as a :class:`~tensorpress.nn.modules.Sparse24Linear`
+(kept values + 2-bit indices, run by the 2:4 kernel) instead of a dense weight with zeros (default).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn import DenseLinear
+from ..errors import TensorpressError
+from ..nn import CompressedLinear, DenseLinear
+from ..nn.modules import Sparse24Linear
 from .base import Compressor, LinearContext, register
 from .sparsity import SparsitySpec
 
@@ -32,6 +37,7 @@ class PruneParams:
     pattern: str | None = None         # "N:M" = N kept of every M consecutive inputs
     n_keep: int | None = None          # N:M as numbers: weights KEPT per group ...
     m: int | None = None               # ... of m consecutive inputs
+    storage: str = "dense"             # "dense" (zeros stored) or "compact" (2:4 only: values + 2-bit indices)
 
 
 class PruneBase(Compressor):
@@ -42,13 +48,19 @@ class PruneBase(Compressor):
     def validate(self):
         p = self.params
         self.spec = SparsitySpec.from_params(self.name, p.sparsity, p.n_keep, p.m, p.pattern)
+        if p.storage not in ("dense", "compact"):
+            raise TensorpressError(f"storage must be 'dense' or 'compact', got {p.storage!r}")
+        if p.storage == "compact" and (self.spec.n_keep, self.spec.m) != (2, 4):
+            raise TensorpressError(f"storage 'compact' needs the 2:4 pattern, got {self.spec}")
 
     def check_layer(self, ctx: LinearContext):
         self.spec.check_in_features(ctx.original.in_features, ctx.name)
 
-    @staticmethod
-    def pruned_module(ctx: LinearContext, W: torch.Tensor) -> DenseLinear:
-        """A :class:`DenseLinear` holding the pruned weight (zeros stored) and the original bias."""
+    def pruned_module(self, ctx: LinearContext, W: torch.Tensor) -> CompressedLinear:
+        """A :class:`DenseLinear` holding the pruned weight (zeros stored) and the original bias, or with
+        ``storage: compact`` a :class:`Sparse24Linear`."""
+        if self.params.storage == "compact":
+            return Sparse24Linear.from_dense(W, bias=ctx.bias, dtype=ctx.dtype, name=ctx.name)
         m = DenseLinear(ctx.original.in_features, ctx.original.out_features, ctx.bias is not None, 0, ctx.dtype)
         m.weight.data.copy_(W)
         if ctx.bias is not None:
