@@ -1,6 +1,7 @@
 """ARMOR (2:4 core between block-diagonal wrappers), the compact 2:4 module, and the LOST-style
 decomposition (docs: algorithms/sparse.md §4, §5.3, §7), checked against fp64 references written
 independently of the implementation (explicit block-diagonal matrices, brute-force masks, SVD)."""
+import itertools
 import json
 import math
 
@@ -12,7 +13,7 @@ import tensorpress as tp
 from conftest import make_tiny
 from tensorpress.calib.collectors import LinearStats
 from tensorpress.compress.apply import compress_model, plan
-from tensorpress.compress.armor import armor_factorise
+from tensorpress.compress.armor import _sparse_core_step, armor_factorise
 from tensorpress.compress.base import LinearContext
 from tensorpress.compress.lost import lost_split
 from tensorpress.compress.sparsity import check_nm, nm_prune_mask
@@ -124,6 +125,44 @@ def test_armor_zero_iterations_is_nowag_pruning():
     # NoWag-P is Wanda divided by the column norm: with unequal column norms the masks differ.
     wanda_keep = ~nm_prune_mask(W.abs() * h.sqrt().float()[None, :], 2, 4)
     assert not torch.equal(wanda_keep, keep)
+
+
+def test_armor_sparse_core_step_is_the_exact_group_optimum():
+    """Each re-solved group beats every one of the 6 supports solved by brute-force least squares on the
+    full (dense block-diagonal) loss, and the step's closed-form loss equals the true loss."""
+    W, h = _problem(5)
+    Wbar, _, _ = _ref_normalise(W)
+    g = torch.Generator().manual_seed(9)
+    A = torch.eye(16).repeat(2, 1, 1) + 0.2 * torch.randn(2, 16, 16, generator=g)
+    B = torch.eye(16).repeat(4, 1, 1) + 0.2 * torch.randn(4, 16, 16, generator=g)
+    keep = _ref_nowag_keep(Wbar, h)
+    Wp = Wbar.float() + 0.1 * torch.randn(32, 64, generator=g)
+    before = (Wp * keep).double()
+    num = _sparse_core_step(Wbar.float(), h.float(), A, B, Wp, keep, torch.Generator().manual_seed(0))
+    after = (Wp * keep).double()
+    Af, Bf, sh = _dense_blockdiag(A), _dense_blockdiag(B), h.sqrt()[None, :]
+
+    def loss(S):
+        return float((((Wbar - Af @ S @ Bf) * sh) ** 2).sum())
+
+    assert float(num) == pytest.approx(loss(after), rel=1e-5)
+    assert loss(after) <= loss(before) * (1 + 1e-6)
+    assert torch.equal(keep.reshape(32, -1, 4).sum(-1), torch.full((32, 16), 2))
+    changed = (before != after).reshape(32, 16, 4).any(-1).nonzero().tolist()
+    blocks = {(i // 16, (4 * gi) // 16) for i, gi in changed}
+    assert len(changed) == len(blocks) >= 4                      # at most one group per (p, q) block
+    for i, gi in changed:
+        cols = list(range(4 * gi, 4 * gi + 4))
+        S0 = after.clone()
+        S0[i, cols] = 0
+        target = ((Wbar - Af @ S0 @ Bf) * sh).flatten()
+        best = math.inf
+        for P in itertools.combinations(range(4), 2):
+            X = torch.stack([(Af[:, i:i + 1] @ Bf[cols[j]:cols[j] + 1, :] * sh).flatten() for j in P], 1)
+            sol = torch.linalg.lstsq(X, target[:, None]).solution
+            best = min(best, float((X @ sol - target[:, None]).pow(2).sum()))
+        assert loss(after) <= best * (1 + 1e-5) + 1e-9
+        assert int(keep[i, cols].sum()) == 2
 
 
 def test_armor_sparse_core_steps_alone_are_monotone():
