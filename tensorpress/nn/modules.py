@@ -249,7 +249,7 @@ class Sparse24Linear(CompressedLinear):
                  lr_dtype=None):
         super().__init__(in_features, out_features, bias, rank, dtype, lr_dtype)
         if in_features % 4 or (block_size and (in_features % block_size or out_features % block_size)):
-            raise ValueError(f"sparse24 {out_features}x{in_features} with block size {block_size}: in_features must "
+            raise TensorpressError(f"sparse24 {out_features}x{in_features} with block size {block_size}: in_features must "
                              f"be divisible by 4 and both dimensions by the block size")
         self.block_size = block_size
         self.register_buffer("values", torch.zeros(out_features, in_features // 2, dtype=dtype))
