@@ -64,13 +64,37 @@ def capture(model: nn.Module, samples: torch.Tensor, batch_size: int) -> Capture
 
 
 def run_block(layer: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]],
-              after_batch=None) -> list[torch.Tensor]:
-    """Outputs of ``layer`` for every batch of ``hidden`` (block's own args/kwargs per batch)."""
-    outs = []
+              after_batch=None, keep: bool = True, inplace: bool = False) -> list[torch.Tensor] | None:
+    """Outputs of ``layer`` for every batch of ``hidden`` (block's own args/kwargs per batch).
+
+    ``keep=False`` runs the block for its side effects only (statistics hooks) and drops each
+    batch's output at once, so a statistics pass never holds a second copy of the stream.
+    ``inplace=True`` writes each batch's output over its input in ``hidden`` (and returns it): one
+    stream plus one batch alive instead of two streams.
+    """
+    outs = (hidden if inplace else []) if keep else None
     with torch.no_grad():
-        for h, (args, kwargs) in zip(hidden, calls):
+        for k, (h, (args, kwargs)) in enumerate(zip(hidden, calls)):
             o = layer(h, *args, **kwargs)
-            outs.append((o[0] if isinstance(o, tuple) else o).detach())
+            if keep:
+                o = (o[0] if isinstance(o, tuple) else o).detach()
+                if inplace:
+                    outs[k] = o
+                else:
+                    outs.append(o)
+            del o, h
             if after_batch is not None:
                 after_batch()
     return outs
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS between blocks (glibc keeps them otherwise, and the
+    resident size of a long layer-sequential run creeps up with fragmentation)."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        pass

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..calib.collectors import InputCollector, LinearStats, collect_fisher
-from ..calib.pipeline import capture, run_block
+from ..calib.pipeline import capture, release_memory, run_block
 from ..errors import TensorpressError
 from ..evaluate import peak_rss_bytes
 from ..modeling import decoder_layers, layers_prefix, set_submodule, target_linears
@@ -117,11 +117,12 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
             targets = {n: m for n, m in target_linears(layer).items()
                        if any(_has(stages_by_name.get(f"{prefix}.{i}.{n}", []), s) for s in sens)}
             if not targets:
-                hidden = run_block(layer, hidden, calls)
+                hidden = run_block(layer, hidden, calls, inplace=True)
                 continue
             needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
             with InputCollector(targets, needs) as col:
-                hidden = run_block(layer, hidden, calls, after_batch=col.next_batch)
+                hidden = run_block(layer, hidden, calls, after_batch=col.next_batch, inplace=True)
+            release_memory()
             for n, m in targets.items():
                 full = f"{prefix}.{i}.{n}"
                 ctx = LinearContext(full, m, m, _with_fisher(col.stats[n], fisher, full))
@@ -176,7 +177,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     # With dense statistics, every block's inputs come from the dense stream alone: the compressed
     # model's activations are never needed, so only one stream (one pass per block) is run.
     hidden = cap.hidden if stats_source != "dense" else None
-    dense_hidden = list(cap.hidden) if stats_source == "dense" else None
+    dense_hidden = cap.hidden if stats_source == "dense" else None
     bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
     last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
     for i, layer in enumerate(layers):
@@ -186,17 +187,16 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
         targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
         if not targets:
             if hidden is not None:
-                hidden = run_block(layer, hidden, calls)
+                hidden = run_block(layer, hidden, calls, inplace=True)
             if dense_hidden is not None:
-                dense_hidden = run_block(layer, dense_hidden, calls)
+                dense_hidden = run_block(layer, dense_hidden, calls, inplace=True)
             continue
         needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
         with InputCollector(targets, needs) as col:
-            stream = dense_hidden if dense_hidden is not None else hidden
-            outs = run_block(layer, stream, calls, after_batch=col.next_batch)
-        if dense_hidden is not None:
-            dense_hidden = outs
-        del outs
+            if dense_hidden is not None:       # the dense stream's outputs are the next inputs
+                dense_hidden = run_block(layer, dense_hidden, calls, after_batch=col.next_batch, inplace=True)
+            else:                              # outputs recomputed after compression: drop them
+                run_block(layer, hidden, calls, after_batch=col.next_batch, keep=False)
         for name, mod in targets.items():
             full = f"{prefix}.{i}.{name}"
             t0 = time.perf_counter()
@@ -223,6 +223,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
             bar.update(1)
         del col
         if i < last and hidden is not None:
-            hidden = run_block(layer, hidden, calls)
+            hidden = run_block(layer, hidden, calls, inplace=True)
+        release_memory()
     bar.close()
     return records
