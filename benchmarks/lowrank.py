@@ -128,7 +128,7 @@ def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: 
                str(out), "--bits", str(bits), "--group-size", str(group), "--rank", str(rank), "--threads",
                str(threads)]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)   # peers write logs/ into cwd
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise SystemExit(f"row {name} failed:\n{r.stderr[-3000:]}")
