@@ -76,6 +76,16 @@ def _with_fisher(stats: LinearStats, fisher: dict | None, full: str) -> LinearSt
     return stats
 
 
+def _full_linears(layers, prefix: str) -> dict[str, nn.Module]:
+    """Every target linear of the decoder blocks by its full module name."""
+    return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in target_linears(layer).items()}
+
+
+def _last_block(stages_by_name: dict, prefix: str) -> int:
+    """Index of the last decoder block with a linear to compress."""
+    return max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
+
+
 def _has(stages: list, stage) -> bool:
     return any(x is stage for x in stages)
 
@@ -100,7 +110,7 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
         return {}
     prefix = layers_prefix(model)
     layers = decoder_layers(model)
-    mods = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in target_linears(layer).items()}
+    mods = _full_linears(layers, prefix)
     spectra: dict[int, dict[str, torch.Tensor]] = {id(s): {} for s in stages}
     sens = [s for s in stages if s.compressor.needs_sensitivity]
     for s in sens:
@@ -110,7 +120,7 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
                                        f"of every linear it targets ({full} has '{ss[0].compressor.name}' before it)")
     if sens:
         hidden = list(cap.hidden)
-        last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
+        last = _last_block(stages_by_name, prefix)
         for i, layer in enumerate(tqdm(layers[:last + 1], desc="sensitivity", unit="block", disable=not progress,
                                        leave=False)):
             calls = [c[i] for c in cap.calls]
@@ -164,7 +174,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
 
     fisher_names = [n for n, ss in stages_by_name.items() if any("fisher" in s.compressor.requires for s in ss)]
     if fisher_names and fisher is None:
-        all_mods = {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in target_linears(layer).items()}
+        all_mods = _full_linears(layers, prefix)
         with torch.enable_grad():
             fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
                                     batch_size=min(batch_size, 4), progress=progress)
@@ -176,27 +186,23 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     allocate_budgets(model, recipe, stages_by_name, cap, fisher, progress)
     # With dense statistics, every block's inputs come from the dense stream alone: the compressed
     # model's activations are never needed, so only one stream (one pass per block) is run.
-    hidden = cap.hidden if stats_source != "dense" else None
-    dense_hidden = cap.hidden if stats_source == "dense" else None
+    dense = stats_source == "dense"
+    hidden = cap.hidden                # updated in place, block by block
     bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
-    last = max(int(n[len(prefix) + 1:].split(".")[0]) for n in stages_by_name)
+    last = _last_block(stages_by_name, prefix)
     for i, layer in enumerate(layers):
         if i > last:
             break                      # nothing left to compress: later outputs are not needed
         calls = [c[i] for c in cap.calls]
         targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
         if not targets:
-            if hidden is not None:
-                hidden = run_block(layer, hidden, calls, inplace=True)
-            if dense_hidden is not None:
-                dense_hidden = run_block(layer, dense_hidden, calls, inplace=True)
+            run_block(layer, hidden, calls, inplace=True)
             continue
         needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
         with InputCollector(targets, needs) as col:
-            if dense_hidden is not None:       # the dense stream's outputs are the next inputs
-                dense_hidden = run_block(layer, dense_hidden, calls, after_batch=col.next_batch, inplace=True)
-            else:                              # outputs recomputed after compression: drop them
-                run_block(layer, hidden, calls, after_batch=col.next_batch, keep=False)
+            # dense: this pass's outputs are the next inputs; compressed: they are recomputed
+            # after compression, so the statistics pass drops them
+            run_block(layer, hidden, calls, after_batch=col.next_batch, keep=dense, inplace=True)
         for name, mod in targets.items():
             full = f"{prefix}.{i}.{name}"
             t0 = time.perf_counter()
@@ -222,8 +228,8 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
             bar.set_postfix_str(f"{name} err={err:.4f}")
             bar.update(1)
         del col
-        if i < last and hidden is not None:
-            hidden = run_block(layer, hidden, calls, inplace=True)
+        if i < last and not dense:
+            run_block(layer, hidden, calls, inplace=True)
         release_memory()
     bar.close()
     return records
