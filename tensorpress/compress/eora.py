@@ -26,8 +26,7 @@ from ..errors import TensorpressError
 from ..nn import CompressedLinear
 from .base import LinearContext, register
 from .budget import BudgetParams, LowRankStage
-from .lowrank import positive_scale, scaled_lowrank, truncated_svd, weighted_spectrum, whitened_lowrank, \
-    whitened_spectrum
+from .lowrank import positive_scale, scaled_lowrank, truncated_svd, whitened_lowrank
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "model": None}
 SPACES = ("eigen", "activation", "identity")
@@ -75,14 +74,6 @@ class _Correction(LowRankStage):
         if space == "activation":
             return scaled_lowrank(E, rank, col_scale=positive_scale(ctx.stats.abs_mean(), 1e-6), dtype=torch.float64)
         return truncated_svd(E, rank, dtype=torch.float64)
-
-    def spectrum(self, ctx):
-        E = self.residual(ctx)
-        if self.params.space == "eigen":
-            return whitened_spectrum(E, ctx.stats.gram())
-        if self.params.space == "activation":
-            return weighted_spectrum(E, col_scale=positive_scale(ctx.stats.abs_mean(), 1e-6))
-        return weighted_spectrum(E)
 
     def compress(self, ctx: LinearContext):
         E = self.residual(ctx)
