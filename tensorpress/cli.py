@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a checkpoint to a standard format other engines load")
     x.add_argument("path", help="tensorpress checkpoint directory")
-    x.add_argument("--format", "-f", required=True, choices=["gptq", "compressed-tensors"])
+    x.add_argument("--format", "-f", required=True, choices=["gptq", "compressed-tensors", "dense"],
+                   help="gptq / compressed-tensors: 4-bit formats engines serve; dense: plain weights "
+                   "(any compressed model, e.g. 2:4 or low-rank, materialised)")
     x.add_argument("--output", "-o", required=True, help="directory to create (must not exist)")
     x.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="GPTQ zero-point convention (default: gptq = v1 for symmetric models, gptq_v2 for asymmetric)")
     x.add_argument("--no-adapter", action="store_true", help="refuse models with low-rank corrections instead "

@@ -127,6 +127,8 @@ def test_eora_compress_export_adapter_and_bad_rank(tiny_dir, tmp_path, capsys):
     assert cfg["r"] == cfg["lora_alpha"] == 4 and cfg["peft_type"] == "LORA"
     assert main(["export", str(out), "-f", "gptq", "-o", str(tmp_path / "g2"), "--no-adapter"]) == 2
     assert "low-rank corrections" in capsys.readouterr().err and not (tmp_path / "g2").exists()
+    assert main(["export", str(out), "-f", "dense", "-o", str(tmp_path / "d")]) == 0   # corrections merged
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
     for body, match in (("  - method: gptq\n    bits: 4\n    group_size: 32\n  - method: eora\n    rank: 500\n",
                          "above min(out, in)"),
                         ("  - method: eora\n    rank: 4\n", "no compressed base"),

@@ -526,3 +526,51 @@ def test_peer_negative_controls_are_detected(peer_runs, name):
     assert rel > NEG_MIN, f"corrupted export {name} was not detected (rel {rel:.3e})"
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# dense export: any compressed model as plain transformers weights
+# ------------------------------------------------------------------------------------------------
+DENSE_CASES = {
+    # family, stages, export from a native checkpoint dir?
+    "llama_armor": ("llama", [{"method": "armor", "block_size": 16, "iterations": 4}], True),
+    "qwen2_lost": ("qwen2", [{"method": "lost", "ratio": 0.5, "rho": 0.1}], False),
+    "mistral_wanda24_compact": ("mistral", [{"method": "wanda", "pattern": "2:4", "storage": "compact"}], True),
+    "gemma_wanda24_gptq_eora": ("gemma", [{"method": "wanda", "pattern": "2:4"}, G4, {"method": "eora", "rank": 4}], False),
+    "llama_svdllm": ("llama", [{"method": "svd-llm", "ratio": 0.6}], False),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_export_loads_in_plain_transformers(tmp_path, tokens, case):
+    from transformers import AutoModelForCausalLM
+
+    from tensorpress.compress.sparsity import check_nm
+    family, stages, native = DENSE_CASES[case]
+    model = make_tiny(family, tied=family != "llama")
+    model, recipe = _compress(model, stages, tokens)
+    with torch.no_grad():
+        ref = model(tokens).logits
+    src = tp.save(model, tmp_path / "native", recipe=recipe) if native else model
+    out = export(src, tmp_path / "dense", "dense", recipe=recipe)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tensorpress_export"] == "dense"
+        keys = set(f.keys())
+    assert not any(k.endswith(("lr_down", "lr_up", "qweight", "scales")) for k in keys)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.named_modules() if n.endswith("_proj"))
+    with torch.no_grad():
+        got = loaded(tokens).logits
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), case
+    if case == "mistral_wanda24_compact":          # the 2:4 pattern survives as zeros
+        for n, m in loaded.named_modules():
+            if n.endswith("_proj"):
+                check_nm(m.weight, 2, 4, n)
+
+
+def test_dense_export_refuses_a_dense_model(tmp_path):
+    with pytest.raises(TensorpressError, match="dense already"):
+        export(make_tiny("llama"), tmp_path / "d", "dense")
+    assert not (tmp_path / "d").exists()

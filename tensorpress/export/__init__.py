@@ -6,6 +6,7 @@
     export(model_or_native_dir, "out-gptq", "gptq")                          # GPTQ v1 (AutoGPTQ zeros)
     export(model_or_native_dir, "out-gptq2", "gptq", checkpoint_format="gptq_v2")
     export(model_or_native_dir, "out-ct", "compressed-tensors")              # pack-quantized W4A16
+    export(model_or_native_dir, "out-dense", "dense")                        # plain weights, any method
 
 ``src`` is an in-memory transformers model whose linears are :class:`tensorpress.nn.QuantLinear`
 (others dense), or a native tensorpress checkpoint directory (loaded with :func:`tensorpress.load`;
@@ -14,6 +15,8 @@ its tokenizer files, generation config and recipe are copied). Writes are atomic
 factorised linears, a quantised head, several schemes in GPTQ, act-order or ragged groups in
 compressed-tensors, asymmetric GPTQ v1) raises :class:`tensorpress.errors.TensorpressError`.
 Low-rank corrections of a quantised base go into a PEFT LoRA adapter beside it (``out/lora``).
+``dense`` holds anything: each compressed linear becomes the dense weight it computes with
+(corrections merged, pruned zeros kept), an ordinary transformers checkpoint.
 
 This package imports torch, safetensors, json and tensorpress.nn / packing / checkpoint only.
 """
@@ -24,8 +27,8 @@ from pathlib import Path
 
 from ..errors import TensorpressError
 
-FORMATS = ("gptq", "compressed-tensors")
-_ALIASES = {"gptq": "gptq", "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
+FORMATS = ("gptq", "compressed-tensors", "dense")
+_ALIASES = {"dense": "dense", "gptq": "gptq", "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
             "ct": "compressed-tensors"}
 
 
@@ -39,7 +42,7 @@ def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None
         source's recipe is used when not given);
       * ``overwrite`` — replace an existing ``out`` (atomically);
       * ``max_shard_bytes`` — shard the safetensors above this size (default 4 GiB);
-      * ``adapter`` — when the model carries low-rank corrections (EoRA, …), write the bare base in
+      * ``adapter`` — (gptq / compressed-tensors) when the model carries low-rank corrections (EoRA, …), write the bare base in
         ``fmt`` and the corrections as a PEFT LoRA adapter in ``out/lora`` (``lora_alpha = r``):
         ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out + "/lora")``
         computes what the tensorpress model does (default ``True``; ``False`` refuses such models);
@@ -65,6 +68,12 @@ def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None
         if cf is not None and cf not in CHECKPOINT_FORMATS:
             raise TensorpressError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got {cf!r}")
         write = lambda tmp: export_gptq(source, tmp, checkpoint_format=cf, max_shard_bytes=max_shard_bytes)  # noqa: E731
+    elif key == "dense":
+        from .dense import export_dense
+        write = lambda tmp: export_dense(source, tmp, max_shard_bytes=max_shard_bytes)  # noqa: E731
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            write(tmp)
+        return Path(out)
     else:
         from .compressed_tensors import export_compressed_tensors
         write = lambda tmp: export_compressed_tensors(source, tmp, max_shard_bytes=max_shard_bytes)  # noqa: E731

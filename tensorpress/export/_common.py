@@ -87,7 +87,7 @@ def resolve_source(src, recipe=None, tokenizer=None) -> Source:
 
 @dataclass
 class Inventory:
-    quant: dict[str, QuantLinear] = field(default_factory=dict)
+    quant: dict[str, QuantLinear] = field(default_factory=dict)   # the linears the exporter writes itself
     dense_linears: list[str] = field(default_factory=list)   # decoder linears left unquantised
     lm_head: str | None = None
 
@@ -130,6 +130,17 @@ def inventory(model: nn.Module, fmt: str) -> Inventory:
     if not inv.quant:
         raise TensorpressError(f"the model has no quantised linear (QuantLinear) to export as {fmt}; "
                                f"compress it with a gptq/rtn stage first")
+    return inv
+
+
+def inventory_dense(model: nn.Module) -> Inventory:
+    """For the dense export: every compressed linear (any format, head included) is materialised."""
+    inv = Inventory(lm_head=_output_embedding_name(model))
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedLinear):
+            inv.quant[name] = m
+    if not inv.quant:
+        raise TensorpressError("the model has no compressed linear; it is dense already (save_pretrained it)")
     return inv
 
 
