@@ -93,7 +93,7 @@ if any("fisher" in s.compressor.requires for s in recipe.stages):
             fisher[n] = st
     else:
         t0, c0 = time.perf_counter(), cpu()
-        fisher = collect_fisher(model, calib, mods, batch_size=4, progress=False)
+        fisher = collect_fisher(model, calib, mods, progress=False)
         fisher_s, fisher_cpu = time.perf_counter() - t0, cpu() - c0
         flat = {}
         for n, st in fisher.items():

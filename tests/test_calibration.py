@@ -1,4 +1,7 @@
 """Collectors and the layer-sequential pipeline, on tiny models of every supported family."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -145,3 +148,23 @@ def test_shared_input_memo_survives_address_reuse():
     ref_b = x2.T.double() @ x2.double()
     assert torch.allclose(col.stats["a"].gram_sum, ref_a, atol=1e-4 * float(ref_a.abs().max()))
     assert torch.allclose(col.stats["b"].gram_sum, ref_b, atol=1e-4 * float(ref_b.abs().max()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux-only")
+def test_release_pages_drops_mapped_weights_and_keeps_contents(tmp_path):
+    """Replaced weights of a memory-mapped checkpoint leave RSS; contents (even written ones) stay."""
+    import numpy as np
+    from tensorpress.calib.pipeline import release_pages
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    path = tmp_path / "w.bin"
+    np.arange(16 * 2**20, dtype=np.float32).tofile(path)            # 64 MiB
+    w = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))   # private mapping, as safetensors
+    ref = w.double().sum()
+    w[7] = -1.0                                                        # one copy-on-write page
+    before = rss_mb()
+    assert release_pages([w, None]) >= 60 * 2**20
+    assert before - rss_mb() > 40
+    assert float(w[7]) == -1.0 and w.double().sum() == ref - 8

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..calib.collectors import InputCollector, LinearStats, collect_fisher
-from ..calib.pipeline import capture, release_memory, run_block
+from ..calib.pipeline import capture, release_memory, release_pages, run_block
 from ..errors import TensorpressError
 from ..evaluate import peak_rss_bytes
 from ..modeling import decoder_layers, layers_prefix, set_submodule, target_linears
@@ -177,7 +177,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
         all_mods = _full_linears(layers, prefix)
         with torch.enable_grad():
             fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
-                                    batch_size=min(batch_size, 4), progress=progress)
+                                    batch_size=1, progress=progress)
     missing = [n for n in fisher_names if fisher is None or n not in fisher]
     if missing:
         raise TensorpressError(f"no Fisher information given for {missing[0]}")
@@ -216,6 +216,7 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
                 raise TensorpressError(f"{full}: compression produced non-finite weights")
             err = output_error(W, W_hat, col.stats[name].gram())
             set_submodule(layer, name, new)
+            release_pages([mod.weight, mod.bias])     # the dense weight is not read again (see release_pages)
             rec = LayerRecord(full, [s.compressor.name for s in stages_by_name[full]], err,
                               time.perf_counter() - t0, peak_rss_bytes() / 2**20,
                               new.config() if hasattr(new, "config") else {})
