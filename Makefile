@@ -9,7 +9,7 @@ OUT     ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: run test env peers assets clean-env bench-gptq bench-lowrank
+.PHONY: run test env peers assets clean-env bench-gptq bench-lowrank bench-pruning
 
 ## run: create the environment, fetch the default model and text, compress with the default recipe,
 ##      print the dense-vs-compressed report table
@@ -47,6 +47,10 @@ bench-gptq: env peers assets
 ## bench-lowrank: the low-rank family and GPTQModel's GPTQ + EoRA on the protocol (writes benchmarks/results/)
 bench-lowrank: env peers assets
 	$(BIN)/python benchmarks/lowrank.py --threads $(THREADS)
+
+## bench-pruning: Wanda/SparseGPT (vs llm-compressor's), ARMOR, Wanda+EoRA, LOST vs SVD on the protocol (writes benchmarks/results/)
+bench-pruning: env peers assets
+	$(BIN)/python benchmarks/pruning.py --threads $(THREADS)
 
 clean-env:
 	rm -rf $(VENV) $(PEERS)
