@@ -111,7 +111,7 @@ def inventory(model: nn.Module, fmt: str) -> Inventory:
         if isinstance(m, LowRankLinear):
             raise TensorpressError(
                 f"{name} is a low-rank factorised linear (rank {m.factor_rank}); the {fmt} format cannot hold "
-                f"it — export factorised models with the tensorpress plugin or re-densify them first")
+                f"it — export it with format 'dense' (plain weights) instead")
         if isinstance(m, CompressedLinear) and m.rank > 0:
             raise TensorpressError(
                 f"{name} carries a rank-{m.rank} low-rank correction, which the {fmt} format cannot hold "
@@ -124,7 +124,8 @@ def inventory(model: nn.Module, fmt: str) -> Inventory:
                 raise TensorpressError(f"{name}: {m.bits}-bit weights are not representable in {fmt}")
             inv.quant[name] = m
         elif isinstance(m, CompressedLinear) and not isinstance(m, DenseLinear):
-            raise TensorpressError(f"{name}: compressed module {type(m).__name__} has no {fmt} representation")
+            raise TensorpressError(f"{name}: compressed module {type(m).__name__} has no {fmt} representation "
+                                   f"(format 'dense' writes it as plain weights)")
         elif isinstance(m, (nn.Linear, DenseLinear)) and name != inv.lm_head:
             inv.dense_linears.append(name)
     if not inv.quant:
