@@ -7,11 +7,20 @@ Statistics, by the names compressors ask for:
 * ``input_norm`` — ``‖X_j‖₂`` per input channel (Wanda's activation norm).
 * ``abs_mean``   — ``mean_t |x_tj|`` per input channel (ASVD).
 * ``abs_max``    — ``max_t |x_tj|`` per input channel (smoothing).
+* ``input_sample`` — a uniform random subsample of at most ``sample_rows`` input rows (tokens), fp32
+  ``[≤ sample_rows, in]``, for objectives that are not quadratic in the inputs (SVDQuant scores
+  activation-quantised outputs). Memory is bounded: ``sample_rows · in · 4`` bytes per linear (default
+  4096 rows: 9 MB at in = 576, 25 MB at in = 1536), whatever the number of calibration tokens. Each row
+  gets a random key from the collector's seeded generator and the ``sample_rows`` smallest keys are kept
+  (reservoir sampling by priorities), so the sample is uniform over all tokens and reproducible; linears
+  that read the same tensor get the same keys, hence the same rows.
 * ``fisher``     — squared per-sequence gradients of the LM loss w.r.t. the weight, summed over
   samples and reduced per input column and per output row (FWSVD). Needs backward passes; see
   :func:`collect_fisher`.
 
-Linears that read the same tensor (q/k/v, gate/up) share one computation per batch.
+Linears that read the same tensor (q/k/v, gate/up) share one computation per batch. With
+``input_sample``, ``stats.extra["input_group"]`` labels the tensor a linear read in the first
+batch: linears with equal labels share an input (what SVDQuant uses to share one smoothing vector).
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ import torch.nn as nn
 
 from ..errors import TensorpressError
 
-FORWARD_STATS = frozenset({"gram", "input_norm", "abs_mean", "abs_max"})
+FORWARD_STATS = frozenset({"gram", "input_norm", "abs_mean", "abs_max", "input_sample"})
+SAMPLE_ROWS = 4096
 ALL_STATS = FORWARD_STATS | {"fisher"}
 
 
@@ -35,6 +45,8 @@ class LinearStats:
     sq_sum: torch.Tensor | None = None         # fp64 [in]
     abs_sum: torch.Tensor | None = None        # fp64 [in]
     abs_max: torch.Tensor | None = None        # fp32 [in]
+    sample: torch.Tensor | None = None         # fp32 [≤ sample_rows, in]  (input_sample)
+    sample_keys: torch.Tensor | None = None    # fp32 [≤ sample_rows]      their random priorities
     fisher_in: torch.Tensor | None = None      # fp64 [in]   Σ over rows of squared grads
     fisher_out: torch.Tensor | None = None     # fp64 [out]  Σ over columns
     extra: dict = field(default_factory=dict)
@@ -56,6 +68,11 @@ class LinearStats:
             raise KeyError("abs_mean was not collected")
         return (self.abs_sum / max(self.n_tokens, 1)).float()
 
+    def input_sample(self) -> torch.Tensor:
+        if self.sample is None:
+            raise KeyError("input_sample was not collected")
+        return self.sample
+
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
@@ -65,12 +82,17 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 class InputCollector:
     """Forward hooks on a set of linears, accumulating the requested statistics of their inputs."""
 
-    def __init__(self, modules: dict[str, nn.Module], needs: dict[str, set[str]]):
+    def __init__(self, modules: dict[str, nn.Module], needs: dict[str, set[str]], sample_rows: int = SAMPLE_ROWS,
+                 seed: int = 0):
         self.modules = modules
         self.needs = {n: set(needs.get(n, ())) & FORWARD_STATS for n in modules}
         self.stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
+        self.sample_rows = sample_rows
+        self._gen = torch.Generator().manual_seed(seed)
         self._handles: list = []
         self._memo: dict = {}
+        self._groups: dict = {}       # first-batch input tensor -> label (input_group)
+        self._batch = 0
 
     def __enter__(self):
         for name, mod in self.modules.items():
@@ -103,6 +125,8 @@ class InputCollector:
                 v = xf.pow(2).sum(0).double()
             elif what == "abs":
                 v = xf.abs().sum(0).double()
+            elif what == "keys":
+                v = torch.rand(xf.shape[0], generator=self._gen)
             else:
                 v = xf.abs().amax(0)
             self._memo[key] = (x, v)
@@ -125,11 +149,25 @@ class InputCollector:
         if "abs_max" in needs:
             v = self._compute(x, "max")
             s.abs_max = v.clone() if s.abs_max is None else torch.maximum(s.abs_max, v)
+        if "input_sample" in needs:
+            keys = self._compute(x, "keys")
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            if s.sample is not None:
+                keys, rows = torch.cat([s.sample_keys, keys]), torch.cat([s.sample, rows])
+            if keys.numel() > self.sample_rows:
+                idx = torch.topk(keys, self.sample_rows, largest=False).indices.sort().values
+                keys, rows = keys[idx], rows[idx]
+            _check_finite(rows, name)
+            s.sample_keys, s.sample = keys.clone(), rows.clone()
+        if self._batch == 0 and "input_sample" in needs and "input_group" not in s.extra:
+            # x is alive in the memo (its keys) until next_batch(): no other tensor can share its address
+            s.extra["input_group"] = self._groups.setdefault((x.data_ptr(), tuple(x.shape)), len(self._groups))
         s.n_tokens += n
 
     def next_batch(self) -> None:
         """Forget per-batch shared results (call after each forward)."""
         self._memo.clear()
+        self._batch += 1
 
 
 def collect_fisher(model: nn.Module, samples: torch.Tensor, modules: dict[str, nn.Module],

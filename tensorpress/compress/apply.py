@@ -203,6 +203,13 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
             # dense: this pass's outputs are the next inputs; compressed: they are recomputed
             # after compression, so the statistics pass drops them
             run_block(layer, hidden, calls, after_batch=col.next_batch, keep=dense, inplace=True)
+        # Hook: a stage with ``prepare_block`` first sees the contexts of all the block's linears it
+        # targets (SVDQuant fits one smoothing vector per group of linears that read the same input).
+        for stage in {id(s): s for n in targets for s in stages_by_name[f"{prefix}.{i}.{n}"]}.values():
+            if hasattr(stage.compressor, "prepare_block"):
+                stage.compressor.prepare_block({f"{prefix}.{i}.{n}": LinearContext(f"{prefix}.{i}.{n}", m, m, col.stats[n])
+                                                for n, m in targets.items()
+                                                if _has(stages_by_name[f"{prefix}.{i}.{n}"], stage)})
         for name, mod in targets.items():
             full = f"{prefix}.{i}.{name}"
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..errors import TensorpressError
 from ..nn import CompressedLinear, DenseLinear, LowRankLinear, QuantLinear
+from ..nn.modules import SVDQuantLinear
 
 # Files copied verbatim from a native source checkpoint (tokenizer, generation config, provenance).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -112,6 +113,14 @@ def inventory(model: nn.Module, fmt: str) -> Inventory:
             raise TensorpressError(
                 f"{name} is a low-rank factorised linear (rank {m.factor_rank}); the {fmt} format cannot hold "
                 f"it — export it with format 'dense' (plain weights) instead")
+        if isinstance(m, SVDQuantLinear) and (m.act_bits != 16 or not m.smoothing_is_identity()):
+            # Its GPTQ tensors hold the residual of the *smoothed* weight (and A4/A8 quantise the
+            # activations): written as a plain GPTQ weight it would compute something else.
+            raise TensorpressError(
+                f"{name} is an SVDQuant W{m.bits}A{m.act_bits} linear"
+                f"{' with a smoothing vector' if not m.smoothing_is_identity() else ''}; {fmt} can hold only the "
+                f"weight-only form without smoothing (act_bits 16, smooth: false) — use the native format or "
+                f"export dense")
         if isinstance(m, CompressedLinear) and m.rank > 0:
             raise TensorpressError(
                 f"{name} carries a rank-{m.rank} low-rank correction, which the {fmt} format cannot hold "

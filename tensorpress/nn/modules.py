@@ -363,4 +363,89 @@ class LowRankSparseLinear(LowRankLinear):
                 f"channels={self.n_channels}, bias={self.bias is not None}")
 
 
-FORMATS.update({c.FORMAT: c for c in (Sparse24Linear, LowRankSparseLinear)})
+class SVDQuantLinear(QuantLinear):
+    """SVDQuant (docs: lowrank-quant.md §6): a smoothed 4-bit residual plus a 16-bit low-rank branch.
+
+    ``y = Q_a(x ⊘ smooth)·dequant(R)ᵀ + (x·lr_downᵀ)·lr_upᵀ + b`` where the GPTQ-layout tensors hold the
+    residual ``R`` of the *smoothed* weight ``Ŵ = W·diag(smooth)``, ``lr_up = B`` (singular values in
+    it) and ``lr_down = A ⊘ smooth`` is stored unsmoothed, so the branch reads the raw ``x``.
+    ``Q_a`` is the activation quantiser: ``act_bits`` 16 none (W4A16: :func:`kernels.quant_linear` on
+    ``x ⊘ smooth``), 8 the int8 W4A8 kernel (:func:`kernels.w4a8_linear`), 4 fake-quantised 4-bit
+    activations (:func:`tensorpress.kernels.actquant.fake_quantize_activations`, per token or per group
+    of ``act_group_size`` inputs). ``smooth`` is an fp32 ``[in]`` buffer (ones: no smoothing).
+    ``effective_weight()`` is the W4A16 dense equivalent ``dequant(R)·diag(1/smooth) + lr_up·lr_down``.
+    """
+
+    FORMAT = "svdquant"
+
+    def __init__(self, in_features, out_features, bias, bits: int, group_size: int, sym: bool = True,
+                 has_g_idx: bool = False, rank: int = 0, dtype=torch.float32, lr_dtype=None,
+                 act_bits: int = 16, act_group_size: int = -1):
+        super().__init__(in_features, out_features, bias, bits, group_size, sym, has_g_idx, rank, dtype, lr_dtype)
+        if act_bits not in (4, 8, 16):
+            raise TensorpressError(f"act_bits must be 4, 8 or 16, got {act_bits!r}")
+        if act_bits == 8 and bits != 4:
+            raise TensorpressError(f"act_bits 8 runs the W4A8 kernel, which needs 4-bit weights (got {bits})")
+        self.act_bits, self.act_group_size = act_bits, act_group_size
+        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32))
+
+    @classmethod
+    def from_quant(cls, q: QuantLinear, smooth: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None,
+                   *, act_bits: int, act_group_size: int, lr_dtype: torch.dtype | None = None) -> "SVDQuantLinear":
+        """Wrap a residual :class:`QuantLinear` (its tensors are taken as they are) with ``smooth`` and the
+        (already unsmoothed) branch ``down [r, in]``, ``up [out, r]``."""
+        m = cls(q.in_features, q.out_features, q.bias is not None, q.bits, q.group_size, q.sym, q.g_idx is not None,
+                0, q.dtype_, None, act_bits, act_group_size)
+        for n in ("qweight", "scales", "qzeros"):
+            getattr(m, n).copy_(getattr(q, n))
+        if q.g_idx is not None:
+            m.g_idx.copy_(q.g_idx)
+        if q.bias is not None:
+            m.bias.data.copy_(q.bias.data)
+        m.smooth.copy_(smooth.float())
+        if down is not None and down.shape[0]:
+            m.set_correction(down, up, dtype=lr_dtype)
+        return m
+
+    def residual_weight(self) -> torch.Tensor:
+        """Dense fp32 ``dequant(R)`` in the smoothed space."""
+        return super().base_weight()
+
+    def base_weight(self):
+        return self.residual_weight() / self.smooth[None, :]
+
+    def smoothing_is_identity(self) -> bool:
+        return bool((self.smooth == 1).all())
+
+    def forward(self, x):
+        if self.act_bits == 8:
+            return kernels.w4a8_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size,
+                                       self.in_features, self.bias, self.lr_down, self.lr_up, self.smooth,
+                                       self.act_group_size)
+        if self.act_bits == 4:
+            from ..kernels.actquant import fake_quantize_activations
+            xs = fake_quantize_activations(x, 4, self.act_group_size, self.smooth).to(x.dtype)
+        else:
+            xs = x * (1.0 / self.smooth).to(x.dtype)
+        y = kernels.quant_linear(xs, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size,
+                                 self.in_features, self.bias)
+        if self.lr_down is not None:
+            y = y + kernels.lowrank_linear(x, self.lr_down, self.lr_up)
+        return y
+
+    def config(self):
+        return {**super().config(), "act_bits": self.act_bits, "act_group_size": self.act_group_size}
+
+    @classmethod
+    def from_config(cls, cfg, dtype=torch.float32):
+        return cls(cfg["in_features"], cfg["out_features"], cfg["bias"], cfg["bits"], cfg["group_size"],
+                   cfg.get("sym", True), cfg.get("g_idx", False), cfg.get("rank", 0), dtype, lr_dtype_of(cfg),
+                   cfg["act_bits"], cfg["act_group_size"])
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, W{self.bits}A{self.act_bits}, group={self.group_size}, "
+                f"act_group={self.act_group_size}, rank={self.rank}, smoothed={not self.smoothing_is_identity()}, "
+                f"bias={self.bias is not None}")
+
+
+FORMATS.update({c.FORMAT: c for c in (Sparse24Linear, LowRankSparseLinear, SVDQuantLinear)})

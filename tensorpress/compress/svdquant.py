@@ -1,0 +1,279 @@
+"""SVDQuant for LLMs (arXiv 2411.05007; docs: lowrank-quant.md §6): smoothing, a 16-bit low-rank
+branch that absorbs the outliers migrated into the weight, and a 4-bit residual.
+
+Per linear ``W [out, in]`` with calibration inputs ``X``::
+
+    x̂ = x ⊘ λ,  Ŵ = W·diag(λ)                      (exact: x̂ Ŵᵀ = x Wᵀ)
+    Ŵ = B A + R,  A = V_rᵀ [r, in],  B = U_r Σ_r   (fp64 SVD, singular values in the up-projection)
+    y ≈ Q_a(x̂)·Q(R)ᵀ + x̂ Aᵀ Bᵀ + b
+
+* **Smoothing search** (§6.4): spans ``a_j = max_t |x_tj|`` (the ``abs_max`` statistic) and
+  ``w_j = max_o |W_oj|``; candidates ``λ = a^α / w^β`` over ``{(0,0)} ∪ {(α,0)} ∪ {(α,1−α)}``,
+  ``α ∈ {1/n, …, (n−1)/n}`` (``alpha_grid`` n = 20: 39 candidates). Zero spans count as 1; a candidate
+  with any NaN/Inf becomes all ones; every candidate is divided by its geometric mean (an exact global
+  rescaling that changes no quantised error but keeps ``A ⊘ λ`` and the scales well inside fp16).
+  Each candidate is scored on the real quantised output error ``‖X Wᵀ − (Q_a(x̂) Q(Ŵ−L)ᵀ + x̂ Lᵀ)‖²``
+  with a one-shot rank-r branch ``L = SVD_r(Ŵ)`` in the loop, the activations fake-quantised at
+  ``act_bits`` / ``act_group_size`` exactly as the module computes, on a bounded random subsample of
+  the calibration rows (the ``input_sample`` statistic, at most 4096 tokens per linear). The argmin is
+  kept; (0,0) (no smoothing) is always a candidate, so smoothing never makes the objective worse.
+* **Shared smoothing vector**: linears that read the same tensor (q/k/v, gate/up; detected by the
+  collector, ``stats.extra["input_group"]``) get ONE λ: ``w`` is the abs-max over their concatenated
+  weights and the objective is the sum of their output errors (the error of the concatenated layer).
+  This goes through the pipeline's ``prepare_block`` hook (:func:`.apply.compress_model`). Each linear
+  keeps its own rank-r branch (the paper's variant shares one ``A`` across q/k/v; not done here). λ is
+  stored as a vector the kernels apply, not folded into the preceding RMSNorm (not implemented).
+* **Branch refit** (§6.5): ``L = SVD_r(Ŵ − qw)``, ``qw = RTN(Ŵ − L)`` for up to ``iterations``
+  rounds, keeping the branch with the lowest output error and stopping at the first increase
+  (``early_stop``). Then the stored factors are rounded to ``factor_dtype`` and the residual of the
+  *rounded* branch ``R = Ŵ − B (A⊘λ) diag(λ)`` is quantised with RTN or GPTQ (``residual_quantizer``;
+  GPTQ on the Hessian of x̂: ``H`` scaled by ``1/λ`` on both sides).
+* **Stored** (:class:`tensorpress.nn.modules.SVDQuantLinear`): the residual in the GPTQ int32 layout,
+  ``smooth = λ [in]``, ``lr_down = A ⊘ λ`` (unsmoothed: the branch reads the raw x) and ``lr_up = B``.
+  ``act_bits``: 4 (W4A4, activations fake-quantised on CPU), 8 (W4A8, the int8 kernel), 16 (W4A16).
+
+Rank 0 with ``smooth: false`` is plain W4A4 RTN (``rtn-w4a4``); rank 0 with smoothing is the
+smoothing-only ablation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import TensorpressError
+from ..kernels.actquant import fake_quantize_activations
+from ..nn import QuantLinear
+from ..nn.modules import SVDQuantLinear
+from .base import Compressor, LinearContext, check_number, register
+from .eora import FACTOR_DTYPES
+from .gptq import gptq_quantize
+from .lowrank import truncated_svd
+from .quantizer import QuantSpec, dequantize, quantize_groups
+
+ACT_BITS = (4, 8, 16)
+RESIDUAL_QUANTIZERS = ("rtn", "gptq")
+
+
+# --- the math, as plain functions (the tests call these) ------------------------------------------
+
+def smoothing_candidates(a: torch.Tensor, w: torch.Tensor, grid: int = 20):
+    """``[(alpha, beta, λ)]``: ``(0,0)`` first, then ``(α,0)`` and ``(α,1−α)`` for ``α = k/grid``."""
+    a = a.double().abs()
+    w = w.double().abs()
+    a = torch.where(a > 0, a, torch.ones_like(a))
+    w = torch.where(w > 0, w, torch.ones_like(w))
+    pairs = [(0.0, 0.0)]
+    alphas = [k / grid for k in range(1, grid)]
+    pairs += [(al, 0.0) for al in alphas] + [(al, 1.0 - al) for al in alphas]
+    out = []
+    for al, be in pairs:
+        lam = a.pow(al) / w.pow(be)
+        lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+        if not bool(torch.isfinite(lam).all()):
+            lam = torch.ones_like(lam)
+        lam = lam / lam.log().mean().exp()               # geometric mean 1: an exact global rescaling
+        out.append((al, be, lam))
+    return out
+
+
+def decompose(W: torch.Tensor, lam: torch.Tensor, rank: int):
+    """``(A [r, in], B [out, r], R [out, in])`` with ``B A + R = W·diag(λ)`` (fp64, Σ in ``B``)."""
+    What = W.double() * lam.double()[None, :]
+    if rank == 0:
+        return What.new_zeros(0, W.shape[1]), What.new_zeros(W.shape[0], 0), What
+    A, B = truncated_svd(What, rank, sigma_side="up", dtype=torch.float64)
+    return A, B, What - B @ A
+
+
+def rtn_dequant(M: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Q(M)`` with the one group-wise quantiser (fp32 grid), as fp64."""
+    codes, scales, zeros = quantize_groups(M.float(), spec)
+    g = spec.group(M.shape[1])
+    gi = torch.arange(M.shape[1]) // g
+    return dequantize(codes.float(), scales.t()[:, gi], zeros.t()[:, gi].float()).double()
+
+
+def _act(X: torch.Tensor, lam: torch.Tensor, act_bits: int, act_group_size: int, dt=torch.float64):
+    """``(x̂, Q_a(x̂))`` of the sample rows in ``dt`` (``Q_a`` rounds in fp32 exactly as the module does)."""
+    xhat = (X.double() / lam.double()[None, :]).to(dt)
+    if act_bits >= 16:
+        return xhat, xhat
+    return xhat, fake_quantize_activations(X.float(), act_bits, act_group_size, lam.float()).to(dt)
+
+
+def _sq_err(yref, xhat, xq, A, B, Rq) -> float:
+    dt = xhat.dtype
+    y = xq @ Rq.to(dt).T
+    if A.shape[0]:
+        y = y + (xhat @ A.to(dt).T) @ B.to(dt).T
+    return float((yref - y).double().pow(2).sum())
+
+
+def output_sq_error(X, W, lam, A, B, Rq, act_bits, act_group_size, dt=torch.float64) -> float:
+    """``‖X Wᵀ − (Q_a(x̂) Rqᵀ + x̂ Aᵀ Bᵀ)‖_F²`` on sample rows ``X`` (bias cancels), computed in ``dt``."""
+    xhat, xq = _act(X, lam, act_bits, act_group_size, dt)
+    return _sq_err(X.to(dt) @ W.to(dt).T, xhat, xq, A, B, Rq)
+
+
+def search_smoothing(Ws: list[torch.Tensor], X: torch.Tensor, a: torch.Tensor, rank: int, spec: QuantSpec,
+                     act_bits: int, act_group_size: int, grid: int = 20, wq=None, dt=torch.float64):
+    """Best λ for linears ``Ws`` reading the same inputs ``X`` (sample rows) with span ``a``.
+
+    Returns ``(λ, [(alpha, beta, error)])``; ``error`` is the summed squared output error with a
+    one-shot rank-``rank`` branch per linear and ``wq`` (default RTN with ``spec``) on the residual;
+    ties keep the earlier candidate ((0,0) first).
+    """
+    wq = wq or (lambda M: rtn_dequant(M, spec))
+    wspan = torch.stack([W.double().abs().amax(0) for W in Ws]).amax(0)
+    yrefs = [X.to(dt) @ W.to(dt).T for W in Ws]
+    scored, best = [], None
+    for al, be, lam in smoothing_candidates(a, wspan, grid):
+        xhat, xq = _act(X, lam, act_bits, act_group_size, dt)
+        e = 0.0
+        for W, yref in zip(Ws, yrefs):
+            A, B, R = decompose(W, lam, rank)
+            e += _sq_err(yref, xhat, xq, A, B, wq(R))
+        scored.append((al, be, e))
+        if best is None or e < best[1]:
+            best = (lam, e)
+    return best[0], scored
+
+
+def refit_branch(W: torch.Tensor, X: torch.Tensor, lam: torch.Tensor, rank: int, spec: QuantSpec, act_bits: int,
+                 act_group_size: int, iterations: int = 100, early_stop: bool = True, wq=None, dt=torch.float64):
+    """Iterative branch calibration (§6.5). Returns ``(A, B, errors, kept)``: the best branch, the
+    error of every iteration run and the running best (non-increasing by construction)."""
+    wq = wq or (lambda M: rtn_dequant(M, spec))
+    What = W.double() * lam.double()[None, :]
+    xhat, xq = _act(X, lam, act_bits, act_group_size, dt)
+    yref = X.to(dt) @ W.to(dt).T
+    qw = torch.zeros_like(What)
+    best, errors, kept = None, [], []
+    for it in range(iterations if rank else 1):
+        if rank:
+            A, B = truncated_svd(What - qw, rank, sigma_side="up", dtype=torch.float64)
+        else:
+            A, B = What.new_zeros(0, What.shape[1]), What.new_zeros(What.shape[0], 0)
+        qw = wq(What - B @ A)
+        e = _sq_err(yref, xhat, xq, A, B, qw)
+        errors.append(e)
+        if best is None or e <= best[2]:
+            best = (A, B, e)
+        elif early_stop:
+            kept.append(best[2])
+            break
+        kept.append(best[2])
+    return best[0], best[1], errors, kept
+
+
+# --- the compressor ---------------------------------------------------------------------------------
+
+@dataclass
+class SVDQuantParams:
+    rank: int = 32
+    bits: int = 4
+    group_size: int = 64
+    act_bits: int = 4                    # 4 (W4A4) | 8 (W4A8) | 16 (weight-only W4A16)
+    act_group_size: int | None = None    # None: 64 for A4, -1 (per token) for A8
+    smooth: bool = True
+    alpha_grid: int = 20                 # 20 → 39 candidates
+    iterations: int = 100
+    early_stop: bool = True
+    residual_quantizer: str = "rtn"      # rtn | gptq (on the Hessian of x̂)
+    damp: float = 0.01                   # GPTQ damping (residual_quantizer: gptq)
+    factor_dtype: str = "float16"        # float16 | bfloat16 | float32 | model
+
+
+@register
+class SVDQuant(Compressor):
+    name = "svdquant"
+    description = "SVDQuant: searched smoothing + 16-bit low-rank branch + 4-bit residual (W4A4 / W4A8 / W4A16)"
+    requires = frozenset({"abs_max", "input_sample"})
+    Params = SVDQuantParams
+
+    def validate(self):
+        p = self.params
+        check_number("rank", p.rank, 0, integer=True)
+        check_number("bits", p.bits, 2, 8, integer=True)
+        if p.act_bits not in ACT_BITS or isinstance(p.act_bits, bool):
+            raise TensorpressError(f"act_bits must be one of 4, 8, 16, got {p.act_bits!r}")
+        if p.act_bits == 8 and p.bits != 4:
+            raise TensorpressError(f"act_bits 8 runs the W4A8 kernel, which needs bits 4 (got {p.bits})")
+        if p.act_group_size is None:
+            self.act_group_size = 64 if p.act_bits == 4 else -1
+        else:
+            g = p.act_group_size
+            if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g < 1):
+                raise TensorpressError(f"act_group_size must be -1 (per token) or a positive integer, got {g!r}")
+            self.act_group_size = g
+        for k in ("smooth", "early_stop"):
+            if not isinstance(getattr(p, k), bool):
+                raise TensorpressError(f"{k} must be true or false, got {getattr(p, k)!r}")
+        check_number("alpha_grid", p.alpha_grid, 2, 1000, integer=True)
+        check_number("iterations", p.iterations, 1, 10000, integer=True)
+        if p.residual_quantizer not in RESIDUAL_QUANTIZERS:
+            raise TensorpressError(f"residual_quantizer must be one of {', '.join(RESIDUAL_QUANTIZERS)}, "
+                                   f"got {p.residual_quantizer!r}")
+        check_number("damp", p.damp, 0, 1, lo_open=True)
+        if p.factor_dtype not in FACTOR_DTYPES:
+            raise TensorpressError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {p.factor_dtype!r}")
+        self.spec = QuantSpec(p.bits, p.group_size, True, False).validate()
+        self._lam: dict[str, torch.Tensor] = {}
+
+    def check_layer(self, ctx: LinearContext):
+        m = ctx.original
+        self.spec.validate(m.in_features)
+        if self.params.rank > min(m.in_features, m.out_features):
+            raise TensorpressError(f"rank {self.params.rank} is above min(out, in) = "
+                                   f"{min(m.in_features, m.out_features)} for {ctx.name}")
+        if self.act_group_size > m.in_features:
+            raise TensorpressError(f"act_group_size {self.act_group_size} cannot apply to {ctx.name} "
+                                   f"with {m.in_features} input features")
+
+    # --- smoothing, shared by the linears that read one input ----------------------------------------
+    def _search(self, ctxs: list[LinearContext]) -> torch.Tensor:
+        p = self.params
+        st = ctxs[0].stats
+        if not p.smooth:
+            return torch.ones(ctxs[0].original.in_features, dtype=torch.float64)
+        lam, _ = search_smoothing([c.weight.double() for c in ctxs], st.input_sample(), st.abs_max, p.rank,
+                                  self.spec, p.act_bits, self.act_group_size, p.alpha_grid, dt=torch.float32)
+        return lam
+
+    def prepare_block(self, ctxs: dict[str, LinearContext]) -> None:
+        """Pipeline hook (called once per block before ``compress``): one λ per group of linears that
+        read the same input tensor."""
+        groups: dict = {}
+        for name, c in ctxs.items():
+            key = c.stats.extra.get("input_group", name)
+            groups.setdefault(key, []).append(name)
+        for names in groups.values():
+            lam = self._search([ctxs[n] for n in names])
+            for n in names:
+                self._lam[n] = lam
+
+    def compress(self, ctx: LinearContext):
+        p = self.params
+        W = ctx.weight.double()
+        lam = self._lam.pop(ctx.name, None)
+        if lam is None:
+            lam = self._search([ctx])
+        lam = lam.float().double()                                   # stored in fp32: compute with it
+        X = ctx.stats.input_sample()
+        A, B, _, _ = refit_branch(W, X, lam, p.rank, self.spec, p.act_bits, self.act_group_size,
+                                  p.iterations, p.early_stop, dt=torch.float32)
+        fdt = FACTOR_DTYPES[p.factor_dtype] or ctx.dtype
+        down = (A / lam[None, :]).to(fdt)
+        up = B.to(fdt)
+        R = W * lam[None, :] - (up.double() @ down.double()) * lam[None, :]
+        if p.residual_quantizer == "gptq":
+            H = ctx.stats.gram() / (lam[:, None] * lam[None, :])
+            codes, scales, zeros, g_idx = gptq_quantize(R, H, self.spec, p.damp)
+        else:
+            codes, scales, zeros = quantize_groups(R.float(), self.spec)
+            g_idx = None
+        q = QuantLinear.from_codes(codes, scales, zeros, bits=p.bits, group_size=p.group_size, sym=True,
+                                   g_idx=g_idx, bias=ctx.bias, dtype=ctx.dtype)
+        return SVDQuantLinear.from_quant(q, lam, down if p.rank else None, up if p.rank else None,
+                                         act_bits=p.act_bits, act_group_size=self.act_group_size, lr_dtype=fdt)
