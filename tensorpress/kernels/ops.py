@@ -19,7 +19,10 @@ Every op is a ``torch.library.custom_op`` in the ``tensorpress`` namespace (opaq
                       the epilogue — one launch (split-K reduced
                       in-kernel). Higher ranks: down kernel +
                       epilogue.
-  w4a8_linear         act-quant (+smooth, +down) → int8 GEMM       same Triton kernels
+  w4a8_linear         act-quant (+smooth, +down; the only reader   same Triton kernels
+                      of x) → int8 GEMM (+up, +bias epilogue): two
+                      launches, since per-token scales need the
+                      whole row's max before the GEMM (see w4a8)
   lowrank_linear      M ≤ lowrank_fused_max_m and rank ≤           M > lowrank_max_m: two cuBLAS GEMMs
                       lowrank_fused_max_rank: one fused launch;
                       else down kernel + up kernel

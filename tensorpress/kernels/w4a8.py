@@ -1,11 +1,27 @@
 """W4A8 + low-rank: SVDQuant's structure on GPUs without 4-bit tensor cores (Hopper), for prefill.
 
-Kernel 1 reads each x row-block: scales by ``1/smooth``, quantises to int8 per token (or per group
-of inputs) with the rounding of :func:`reference.quantize_activations`, and from the same raw tile
-accumulates the low-rank down-projection ``t = x·downᵀ`` in fp32.
-Kernel 2: int4 weights unpacked to int8 (``q − z`` ∈ [−15, 15] is exact), ``tl.dot(int8, int8) →
-int32`` per K tile, rescaled by ``sx[m]·sw[n]`` (BLOCK_K divides both the weight and activation
-groups), then ``+ t·upᵀ + bias`` in the epilogue.
+Two launches, as in Nunchaku (``quantize_w4a4_act_fuse_lora`` then the GEMM):
+
+* Kernel 1 (``_act_quant_kernel``) is the only reader of ``x``. Per row-block it scales by
+  ``1/smooth``, quantises to int8 per token (or per group of inputs) with the rounding of
+  :func:`reference.quantize_activations`, and from the same raw x registers accumulates the
+  low-rank down-projection ``t = x·downᵀ`` in fp32. When an activation group fits one tile
+  (``act_group_size`` ≤ BLOCK_K, or a per-token row ≤ BLOCK_K) it is a single pass: each element
+  of x is loaded exactly once. Per-token scales at large K need the row's max before its first
+  code, so the kernel makes two passes over its own BLOCK_M rows (max + down-projection, then the
+  codes); the second re-reads rows it has just loaded (from L2), still inside kernel 1.
+* Kernel 2 (``_w4a8_gemm_kernel``): int4 weights unpacked to int8 (``q − z`` ∈ [−15, 15] is exact),
+  ``tl.dot(int8, int8) → int32`` per K tile, rescaled by ``sx[m]·sw[n]`` (BLOCK_K divides both the
+  weight and activation groups), then ``+ t·upᵀ + bias`` in the epilogue. It reads the int8 codes
+  (half the bytes of a bf16 x), never x.
+
+Why not one launch: every output tile of the GEMM needs its rows' codes over the whole of K, and a
+code depends on its token's max over the whole row (per-token scales), so the scales must be
+complete before the GEMM's first K step. Fusing would make each of the ``N/BLOCK_N`` output tiles
+first re-read and re-reduce the full bf16 rows of x for the max, then read them again to quantise —
+2·N/BLOCK_N reads of x at twice the bytes of the codes — or need a grid-wide barrier, which a
+Triton launch does not have. (The low-rank term alone would not force a second launch: the W4A16
+kernels of :mod:`.w4a16` recompute their share of ``x·downᵀ`` per output tile and fuse it.)
 """
 from __future__ import annotations
 
@@ -20,7 +36,8 @@ from ._tl import Launch, dot_dtype, launch_opts, lowrank_up
 @triton.jit
 def _act_quant_kernel(x_ptr, inv_ptr, d_ptr, q_ptr, sx_ptr, t_ptr, M, K, R, AG,
                       stride_xm, stride_dr, stride_qm, stride_sm, stride_tm,
-                      HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, ONE_PASS: tl.constexpr,
+                      DOT: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = rm[:, None] < M
@@ -28,30 +45,46 @@ def _act_quant_kernel(x_ptr, inv_ptr, d_ptr, q_ptr, sx_ptr, t_ptr, M, K, R, AG,
     rr = tl.arange(0, BLOCK_R)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for g0 in range(0, K, AG):                       # activation groups (AG = K: per token)
-        g_hi = tl.minimum(g0 + AG, K)          # BLOCK_K divides AG, or AG = K
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(g0, g_hi, BLOCK_K):          # pass 1: group max (+ low-rank on raw x)
-            kk = k0 + rk
-            mask = mm & (kk[None, :] < K)
+        g_hi = tl.minimum(g0 + AG, K)                # BLOCK_K divides AG, or AG = K
+        if ONE_PASS:                                 # the group is one tile (AG <= BLOCK_K): x read once,
+            kk = g0 + rk                             # quantised from the registers it was loaded into
+            mask = mm & (kk[None, :] < g_hi)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_LR:
-                d = tl.load(d_ptr + rr[:, None] * stride_dr + kk[None, :], mask=(rr[:, None] < R) & (kk[None, :] < K),
-                            other=0.0)
+                d = tl.load(d_ptr + rr[:, None] * stride_dr + kk[None, :],
+                            mask=(rr[:, None] < R) & (kk[None, :] < g_hi), other=0.0)
                 t += tl.dot(x.to(DOT), tl.trans(d.to(DOT)), input_precision=PREC)
             if HAS_SMOOTH:
-                x = x * tl.load(inv_ptr + kk, mask=kk < K, other=0.0)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        amax = tl.maximum(amax, 1e-12)
-        inv = 127.0 / amax
-        tl.store(sx_ptr + rm * stride_sm + g0 // AG, amax / 127.0, mask=rm < M)
-        for k0 in range(g0, g_hi, BLOCK_K):          # pass 2: quantise (tile re-read from cache)
-            kk = k0 + rk
-            mask = mm & (kk[None, :] < K)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                x = x * tl.load(inv_ptr + kk, mask=kk < K, other=0.0)[None, :]
+                x = x * tl.load(inv_ptr + kk, mask=kk < g_hi, other=0.0)[None, :]
+            amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12)
+            inv = 127.0 / amax
+            tl.store(sx_ptr + rm * stride_sm + g0 // AG, amax / 127.0, mask=rm < M)
             q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -127.0), 127.0)
             tl.store(q_ptr + rm[:, None] * stride_qm + kk[None, :], q.to(tl.int8), mask=mask)
+        else:                                        # a group spans several tiles (per-token scales at
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)    # large K): its max is needed before any code
+            for k0 in range(g0, g_hi, BLOCK_K):      # pass 1: group max (+ low-rank on raw x)
+                kk = k0 + rk
+                mask = mm & (kk[None, :] < K)
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_LR:
+                    d = tl.load(d_ptr + rr[:, None] * stride_dr + kk[None, :],
+                                mask=(rr[:, None] < R) & (kk[None, :] < K), other=0.0)
+                    t += tl.dot(x.to(DOT), tl.trans(d.to(DOT)), input_precision=PREC)
+                if HAS_SMOOTH:
+                    x = x * tl.load(inv_ptr + kk, mask=kk < K, other=0.0)[None, :]
+                amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            amax = tl.maximum(amax, 1e-12)
+            inv = 127.0 / amax
+            tl.store(sx_ptr + rm * stride_sm + g0 // AG, amax / 127.0, mask=rm < M)
+            for k0 in range(g0, g_hi, BLOCK_K):      # pass 2: quantise; re-reads this program's own
+                kk = k0 + rk                         # BLOCK_M rows, just loaded (L2), never the GEMM's job
+                mask = mm & (kk[None, :] < K)
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_SMOOTH:
+                    x = x * tl.load(inv_ptr + kk, mask=kk < K, other=0.0)[None, :]
+                q = tl.minimum(tl.maximum(tl.floor(x * inv[:, None] + 0.5), -127.0), 127.0)
+                tl.store(q_ptr + rm[:, None] * stride_qm + kk[None, :], q.to(tl.int8), mask=mask)
     if HAS_LR:
         tl.store(t_ptr + rm[:, None] * stride_tm + rr[None, :], t, mask=mm & (rr[None, :] < R))
 
@@ -120,9 +153,11 @@ def act_quant_launch(x, smooth_inv, down, act_group_size, cfg=None) -> Launch:
                 q_ptr=q, sx_ptr=sx, t_ptr=t, M=m, K=k, R=r, AG=ag, stride_xm=x.stride(0),
                 stride_dr=down.stride(0) if has_lr else 0, stride_qm=q.stride(0), stride_sm=sx.stride(0),
                 stride_tm=t.stride(-2))
-    consts = dict(HAS_SMOOTH=smooth_inv is not None, HAS_LR=has_lr, DOT=dot, PREC=prec, BLOCK_M=cfg["BLOCK_M"],
-                  BLOCK_K=configs.pow2_block_k(cfg["BLOCK_K"], ag, 16) if ag != k else cfg["BLOCK_K"],
-                  BLOCK_R=max(16, configs.next_pow2(r)))
+    bk = configs.pow2_block_k(cfg["BLOCK_K"], ag, 16) if ag != k else cfg["BLOCK_K"]
+    if ag == k and configs.next_pow2(k) <= bk:     # per token, but the whole row fits one tile
+        bk = max(16, configs.next_pow2(k))
+    consts = dict(HAS_SMOOTH=smooth_inv is not None, HAS_LR=has_lr, ONE_PASS=ag <= bk, DOT=dot, PREC=prec,
+                  BLOCK_M=cfg["BLOCK_M"], BLOCK_K=bk, BLOCK_R=max(16, configs.next_pow2(r)))
     return Launch(_act_quant_kernel, (triton.cdiv(m, cfg["BLOCK_M"]),), args, consts, **launch_opts(cfg),
                   outputs=[q, sx, t if has_lr else None])
 

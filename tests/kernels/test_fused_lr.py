@@ -22,19 +22,6 @@ def poison_all(L: dict) -> dict:
     return {k: poisoned(v.shape, v.dtype).copy_(v) if isinstance(v, torch.Tensor) else v for k, v in L.items()}
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Every Triton launch (Launch.__call__) and every lowrank.down call, in order."""
-    from tensorpress.kernels import _env, _tl
-    seen = []
-    call = _tl.Launch.__call__
-    monkeypatch.setattr(_tl.Launch, "__call__", lambda self: seen.append(self.kernel.__name__) or call(self))
-    lr = _env.kernel_module("lowrank")
-    down = lr.down
-    monkeypatch.setattr(lr, "down", lambda *a, **k: seen.append("lowrank.down") or down(*a, **k))
-    return seen
-
-
 # path, M, N, K, group, rank, split, reduce, dtype
 LAUNCH_CASES = [
     ("gemv", 1, 100, 192, 64, 32, 3, "serial", F32),    # rank = BLOCK_R
@@ -158,3 +145,27 @@ def test_reduce_mode_counters():
     assert _tl.reduce_mode({}, 4, 10, dev)[1] is buf                    # persistent
     big = _tl.reduce_mode({}, 4, buf.numel() + 1, dev)[1]                # grows when needed
     assert big.numel() > buf.numel() and not big.any()
+
+
+@pytest.mark.parametrize("path,m,split", [("gemv", 1, 3), ("gemv", 2, 1), ("gemm", 20, 2)])
+def test_fused_lr_adds_no_read_of_x(interpret, count_loads, path, m, split):
+    """The fused down-projection uses the x registers the W4A16 product loads: with the low-rank
+    term every element of x is loaded exactly as often as without it — once per output tile."""
+    from tensorpress.kernels import w4a16
+    n, k = 100, 192
+    L = random_w4(n, k, 64, rank=32, bias=True, dtype=F32, seed=m)
+    x = torch.randn(m, k)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split)
+    seen = count_loads(x)
+    plain = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 64, L["bias"], path=path, cfg=cfg)
+    plain()
+    once = seen.clone()
+    n_tiles = -(-n // 32)
+    assert torch.all(once == n_tiles)
+    fused = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 64, L["bias"], None, L["lr_up"],
+                                path, cfg, down=L["lr_down"])
+    assert fused.consts["LR"] == 2
+    fused()
+    assert torch.equal(seen - once, once)
+    y, finish = fused.outputs
+    assert rel_err(finish(y), oracle(x, L)) < TOL[F32]

@@ -91,3 +91,41 @@ def test_act_quant_outputs_poisoned(interpret):
     q_ref, sx_ref = reference.quantize_activations(x, None, 64)
     assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)
     assert rel_err(t[0], x.double() @ down.double().t()) < 1e-5
+
+
+@pytest.mark.parametrize("m,k,ag,one_pass", [
+    (5, 256, 64, True),      # activation groups of one tile: single pass
+    (3, 200, 32, True),      # K tail in the last group
+    (4, 64, -1, True),       # per token, the whole row in one tile
+    (5, 192, -1, False),     # per token over several tiles: max first, then the codes
+])
+def test_act_quant_reads_x_once_per_pass(interpret, count_loads, m, k, ag, one_pass):
+    """Kernel 1 is the only reader of x: once per element when a group fits a tile (the down-
+    projection uses the same loads), twice (max, then codes) only for per-token rows spanning tiles."""
+    from tensorpress.kernels import w4a8
+    g = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=g) * 3
+    down = torch.randn(32, k, generator=g)
+    s = torch.rand(k, generator=g) + 0.5
+    launch = w4a8.act_quant_launch(x, 1.0 / s, down, ag)
+    assert launch.consts["ONE_PASS"] == one_pass
+    seen = count_loads(x)
+    launch()
+    assert torch.all(seen == (1 if one_pass else 2)), seen.unique()
+    q, sx, t = launch.outputs
+    q_ref, sx_ref = reference.quantize_activations(x, s, ag)
+    assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)
+    assert rel_err(t[0], x.double() @ down.double().t()) < 1e-5
+
+
+def test_w4a8_two_launches_gemm_never_reads_x(interpret, launches, count_loads):
+    """Public op: exactly act-quant (+ down-projection) then the int8 GEMM (+ up-projection epilogue),
+    x loaded once in all (the GEMM reads the int8 codes)."""
+    L = layer(96, 256, 64, sym=False, rank=32, bias=True, dtype=torch.float32)
+    x = torch.randn(20, 256)
+    s = torch.rand(256) + 0.5
+    seen = count_loads(x)
+    y = ops.w4a8_linear(x, **L, smooth=s, act_group_size=64)
+    assert launches == ["_act_quant_kernel", "_w4a8_gemm_kernel"]
+    assert torch.all(seen == 1)
+    assert rel_err(y, oracle(x, L, smooth=s, act_group_size=64)) < 2e-5
