@@ -64,7 +64,12 @@ def _variants(cc: int):
                         la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 128, L["bias"], t,
                                                  L["lr_up"], path, cfg)
                         yield f"{tag} lr=t r=128 reduce={la.consts['REDUCE']}", la
-                    else:
+                    else:        # bf16 (sm_90): the benchmark's decode target, fused rank 32; act-order
+                        if min_m <= lim["lr_fused_max_m"]:
+                            L = layer(dtype, rank=32, bias=True)
+                            la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], None, 128, L["bias"],
+                                                     None, L["lr_up"], path, cfg, down=L["lr_down"])
+                            yield f"{tag} lr=fused r=32 reduce={la.consts['REDUCE']}", la
                         L = layer(dtype, act_order=True)
                         for over in ({}, {"REDUCE": "atomic"}):
                             la = w4a16.matmul_launch(x, L["qweight"], L["scales"], L["qzeros"], L["g_idx"], 128,
@@ -85,16 +90,19 @@ def _variants(cc: int):
                         la = lowrank.fused_launch(x, torch.zeros(r, k, dtype=dtype), torch.zeros(n, r, dtype=dtype),
                                                   torch.zeros(n, dtype=dtype) if full else None, {**cfg, **over})
                         yield f"{tag} r={r} reduce={la.consts['REDUCE']}", la
-                elif kernel == "act_quant":
-                    yield tag, w4a8.act_quant_launch(x, torch.ones(k) if full else None,
-                                                     torch.zeros(32, k, dtype=dtype) if full else None,
-                                                     -1 if full else 64, cfg)
+                elif kernel == "act_quant":     # per token over several tiles (two passes), groups of 64 (one)
+                    for ag in (-1, 64):
+                        la = w4a8.act_quant_launch(x, torch.ones(k) if full else None,
+                                                   torch.zeros(32, k, dtype=dtype) if full else None, ag, cfg)
+                        yield f"{tag} ag={ag} {'one' if la.consts['ONE_PASS'] else 'two'}-pass", la
                 elif kernel == "w4a8_gemm":
                     L = layer(dtype, rank=32 if full else 0, bias=full)
-                    q, sx = torch.zeros(m, k, dtype=torch.int8), torch.zeros(m, k // 64)
+                    q = torch.zeros(m, k, dtype=torch.int8)
                     t = torch.zeros(1, m, 32) if full else None
-                    yield tag, w4a8.gemm_launch(q, sx, L["qweight"], L["scales"], L["qzeros"], 128, 64, dtype,
-                                                L["bias"], t, L["lr_up"], cfg)
+                    for ag in (64, -1) if full else (64,):                  # per-group and per-token scales
+                        sx = torch.zeros(m, k // 64 if ag == 64 else 1)
+                        yield f"{tag} ag={ag}", w4a8.gemm_launch(q, sx, L["qweight"], L["scales"], L["qzeros"], 128,
+                                                                 ag, dtype, L["bias"], t, L["lr_up"], cfg)
                 elif kernel == "sparse24_gemv":
                     for armor in ((0, 128) if full else (64,)):
                         S = testing.random_24(n, k, armor=armor, bias=full, dtype=dtype)

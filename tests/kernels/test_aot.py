@@ -50,3 +50,10 @@ def test_every_config_compiles(cc, compiled):
         assert {("fused", "0"), ("fused", "1"), ("fused", "2"), ("t", "2")} <= forms, (kernel, forms)
     lr = {x["variant"].split("reduce=")[1] for x in results if x["kernel"] == "_lr_fused_kernel"}
     assert lr == {"0", "1", "2"}
+    # both activation-quantisation modes, per-group and per-token int8 GEMMs
+    assert {x["variant"].split()[-1] for x in results if x["kernel"] == "_act_quant_kernel"} == {"one-pass",
+                                                                                                 "two-pass"}
+    assert {x["variant"].split()[-1] for x in results if x["kernel"] == "_w4a8_gemm_kernel"} == {"ag=64", "ag=-1"}
+    if cc >= 90:   # the benchmark's decode target dtype: bf16 W4A16 with the fused rank-32 term
+        for kernel in ("_w4a16_gemv_kernel", "_w4a16_gemm_kernel"):
+            assert any("bfloat16 lr=fused r=32" in x["variant"] for x in results if x["kernel"] == kernel), kernel
