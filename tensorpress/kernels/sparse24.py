@@ -7,7 +7,14 @@ kernel is a gather-GEMV: it streams ``values [N, K/2]`` and the 2-bit ``meta`` (
 ARMOR wrappers (``y = A·S·B·x``): the output wrapper ``A`` (block-diagonal, ``[N/b, b, b]``) is
 applied in the GEMV epilogue when ``BLOCK_N == b``, each program then owning whole output blocks
 (split-K partials are linear, so each split may apply ``A`` to its own partial); the input wrapper
-``B`` is a small block-diagonal kernel run first.
+``B`` is a small block-diagonal kernel run first. (Fusing ``B`` too would make every one of the
+``N/BLOCK_N`` output tiles recompute ``B·x`` for its K range, reading all of ``B`` — ``K·b``
+elements — once per tile: at K = 4096, b = 64 that is 0.5 MB per tile, more than the tile's share
+of the sparse weight. The ``B·x`` kernel reads ``B`` once.)
+
+Large M (``sparse_max_m`` < M, backend ``auto``, CUDA fp16/bf16): the 2:4 core goes through
+``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt / CUTLASS), converted once per weight via
+:func:`.ops.to_semi_structured`, which first checks that the weight really is 2:4.
 """
 from __future__ import annotations
 

@@ -136,3 +136,31 @@ def test_lowrank_module_dispatch(interpret, monkeypatch):
     assert calls == [1]                                   # small M: the one-launch fused kernel
     assert rel_err(y, reference.lowrank_linear(x.double(), mod.down.double(), mod.up.double(),
                                                 mod.bias.double())) < 1e-5
+
+
+def test_reference_backend_forces_reference_everywhere(interpret, launches, monkeypatch):
+    """``TENSORPRESS_BACKEND=reference`` wins over everything: no Triton launch for any op, even
+    where the interpreter would run one, and the outputs are the reference's bit for bit."""
+    monkeypatch.setenv("TENSORPRESS_BACKEND", "reference")
+    for op, args in _op_cases():
+        name = op._qualname.split("::")[1]
+        assert torch.equal(op(*args), getattr(reference, name)(*args)), name
+    assert launches == []
+    monkeypatch.setenv("TENSORPRESS_BACKEND", "interpret")           # control: the same calls launch
+    ops._lowrank_linear(*_op_cases()[3][1])
+    assert launches
+
+
+class _FakeCuda:
+    device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("backend,cap,expect", [("auto", (9, 0), True), ("auto", (8, 0), True),
+                                                 ("auto", (7, 5), False), ("reference", (9, 0), False)])
+def test_device_dispatch_by_capability(monkeypatch, backend, cap, expect):
+    """CUDA tensors take the Triton family on sm_80+ only (pre-Ampere: the reference)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TENSORPRESS_BACKEND", backend)
+    monkeypatch.setattr(_env, "_capability", lambda index: cap)
+    assert _env.use_triton(_FakeCuda()) is expect
+    assert _env.device_key(_FakeCuda.device) == f"sm{cap[0]}{cap[1]}"

@@ -98,3 +98,26 @@ def test_blockdiag_kernel_poisoned(interpret):
     launch()
     assert rel_err(y, reference.blockdiag(x.double(), blocks.double())) < 1e-6
     assert torch.isnan(y._base[:, :4]).all() and torch.isnan(y._base[:, 4 + 96:]).all()
+
+
+def test_large_m_semi_structured_path(interpret, monkeypatch):
+    """Large M goes through PyTorch semi-structured sparse (CUDA-only in PyTorch, so the conversion is
+    stubbed with the dense matrix here): the validated conversion runs once per weight and again only
+    after the weight changes in place; ARMOR wrappers and bias are applied around it."""
+    from tensorpress.kernels import _env, configs, sparse24
+    monkeypatch.setattr(_env, "fast_paths_allowed", lambda: True)
+    monkeypatch.setattr(configs, "THRESHOLDS", dict(configs.THRESHOLDS, sparse_max_m=4))
+    sp = _env.kernel_module("sparse24")
+    monkeypatch.setattr(sp, "semi_structured_ok", lambda x, values, k: True)
+    converted = []
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda w: converted.append(w) or w.clone())
+    monkeypatch.setattr(sp, "gemv_launch", lambda *a, **k: pytest.fail("GEMV used above sparse_max_m"))
+    S = random_24(64, 128, armor=32, bias=True, dtype=torch.float32, seed=7)
+    x = torch.randn(9, 128)
+    for _ in range(2):
+        assert rel_err(ops.sparse24_linear(x, **S), oracle(x, S)) < 1e-5
+    assert len(converted) == 1                                  # cached per weight tensor
+    S["values"].mul_(2.0)                                       # in-place update: stale cache must not be used
+    assert rel_err(ops.sparse24_linear(x, **S), oracle(x, S)) < 1e-5
+    assert len(converted) == 2
+    assert sparse24 is sp
