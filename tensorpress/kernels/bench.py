@@ -1,7 +1,8 @@
 """One-command kernel benchmark against torch bf16 ``F.linear`` and the memory/compute roofline.
 
     python benchmarks/kernels.py                      # CUDA machine, < 10 minutes (design estimate)
-    python benchmarks/kernels.py --out DIR --cpu-check  # same harness, tiny shapes, Triton interpreter
+    python benchmarks/kernels.py --cpu-check          # same harness, tiny shapes, Triton interpreter
+                                                      # (output in a temporary directory unless --out)
 
 On a GPU the results go to ``benchmarks/results/kernels-<device name>/`` (commit them) unless
 ``--out DIR`` is given. Besides the default dispatch, variants the dispatch would not pick at a
@@ -364,18 +365,22 @@ def slug(name: str) -> str:
 def main(argv=None, results_dir: str | None = None) -> int:
     p = argparse.ArgumentParser(description="tensorpress kernel benchmark (docs/kernels.md §5)")
     p.add_argument("--out", help="directory for bench.json and bench.md (default on a GPU, when run as "
-                                 "benchmarks/kernels.py: benchmarks/results/kernels-<device name>)")
+                                 "benchmarks/kernels.py: benchmarks/results/kernels-<device name>; "
+                                 "with --cpu-check: a temporary directory)")
     p.add_argument("--cpu-check", "--dry-run", action="store_true", dest="cpu_check",
                    help="run the same harness on CPU at tiny shapes through the Triton interpreter")
     p.add_argument("--quick", action="store_true", help="first shape and M ∈ {1, 64} only")
     a = p.parse_args(argv)
 
     cpu = a.cpu_check
-    if a.out is None and (cpu or results_dir is None):
-        p.error("--out is required" + (" with --cpu-check" if cpu else ""))
+    if a.out is None and cpu:                    # a smoke test: nothing worth keeping
+        import tempfile
+        a.out = tempfile.mkdtemp(prefix="tensorpress-kernels-cpu-check-")
+    if a.out is None and results_dir is None:
+        p.error("--out is required")
     if cpu:
         # Must precede the first import of a kernel module (decided at @triton.jit time).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TRITON_INTERPRET"] = "1"
     elif not torch.cuda.is_available():
         print("kernels benchmark: no CUDA device (torch.cuda.is_available() is False); "
               "run it on a GPU machine, or use --cpu-check to exercise the harness", file=sys.stderr)

@@ -34,3 +34,27 @@ def test_no_cuda_is_one_line_and_nonzero(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and "\n" not in err
+
+
+def test_dry_run_needs_no_out(interpret, monkeypatch, capsys):
+    """``--dry-run`` (alias of ``--cpu-check``) is one command: without ``--out`` the report goes to a
+    temporary directory (harness rows stubbed here; the full CPU run is the test above)."""
+    monkeypatch.setattr(bench, "run_rows", lambda *a, **k: [])
+    assert bench.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    path = out.split("wrote ")[1].split("/bench.json")[0]
+    assert "tensorpress-kernels-cpu-check-" in path
+    assert json.loads(open(f"{path}/bench.json").read())["rows"] == []
+    import shutil
+    shutil.rmtree(path)
+
+
+def test_benchmark_script_entry_point():
+    """``python benchmarks/kernels.py`` imports and parses its arguments from a plain shell."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernels.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--cpu-check" in r.stdout and "--quick" in r.stdout, r.stderr[-2000:]
