@@ -129,3 +129,21 @@ def test_w4a8_two_launches_gemm_never_reads_x(interpret, launches, count_loads):
     assert launches == ["_act_quant_kernel", "_w4a8_gemm_kernel"]
     assert torch.all(seen == 1)
     assert rel_err(y, oracle(x, L, smooth=s, act_group_size=64)) < 2e-5
+
+
+def test_svdquant_module_dispatch(interpret, launches):
+    """``SVDQuantLinear`` with 8-bit activations runs the two W4A8 launches (low-rank branch inside)."""
+    from tensorpress.nn.modules import SVDQuantLinear
+    L = layer(48, 64, 32, sym=False, rank=16, bias=True, dtype=torch.float32)
+    mod = SVDQuantLinear(64, 48, True, 4, 32, sym=False, act_bits=8, act_group_size=32)
+    for name in ("qweight", "scales", "qzeros"):
+        getattr(mod, name).copy_(L[name])
+    mod.bias.data.copy_(L["bias"])
+    mod.set_correction(L["lr_down"], L["lr_up"])
+    s = torch.rand(64) + 0.5
+    mod.smooth.copy_(s)
+    x = torch.randn(2, 3, 64)
+    y = mod(x)
+    assert launches == ["_act_quant_kernel", "_w4a8_gemm_kernel"]
+    assert y.shape == (2, 3, 48)
+    assert rel_err(y, oracle(x.reshape(6, 64), L, smooth=s, act_group_size=32).reshape(2, 3, 48)) < 2e-5
