@@ -15,7 +15,8 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
   Each candidate is scored on the real quantised output error ``‖X Wᵀ − (Q_a(x̂) Q(Ŵ−L)ᵀ + x̂ Lᵀ)‖²``
   with a one-shot rank-r branch ``L = SVD_r(Ŵ)`` in the loop, the activations fake-quantised at
   ``act_bits`` / ``act_group_size`` exactly as the module computes, on a bounded random subsample of
-  the calibration rows (the ``input_sample`` statistic, at most 4096 tokens per linear). The argmin is
+  the calibration rows (the ``input_sample`` statistic, at most 4096 tokens per linear; products and
+  errors in fp32 in the compressor, SVDs in fp64; the functions take ``dt`` for fp64 references). The argmin is
   kept; (0,0) (no smoothing) is always a candidate, so smoothing never makes the objective worse.
 * **Shared smoothing vector**: linears that read the same tensor (q/k/v, gate/up; detected by the
   collector, ``stats.extra["input_group"]``) get ONE λ: ``w`` is the abs-max over their concatenated
