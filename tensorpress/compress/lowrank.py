@@ -41,6 +41,25 @@ def truncated_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=to
     return down.to(dtype), up.to(dtype)
 
 
+def randomized_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=torch.float32,
+                   oversample: int = 8, power_iters: int = 4, seed: int = 0):
+    """Rank-``rank`` factors of ``E`` by a randomized range finder (Halko et al. 2011): ``E·Ω`` for a
+    Gaussian ``Ω`` of ``rank + oversample`` columns (drawn from ``seed``: reproducible, global RNG
+    untouched), ``power_iters`` re-orthonormalised power iterations, then the exact SVD of the small
+    projected matrix. Computed in fp32. Close to :func:`truncated_svd` when the spectrum decays past
+    ``rank``, and several times cheaper when ``rank ≪ min(out, in)``: for inner loops that only need
+    a good branch to score candidates (SVDQuant's smoothing search), not for stored factors."""
+    M = E.float()
+    k = min(rank + oversample, *M.shape)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Q = torch.linalg.qr(M @ torch.randn(M.shape[1], k, generator=g).to(M.device)).Q
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(M @ torch.linalg.qr(M.T @ Q).Q).Q
+    U, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    down, up = split_factors((Q @ U)[:, :rank], S[:rank], Vh[:rank], sigma_side)
+    return down.to(dtype), up.to(dtype)
+
+
 def gram_sqrt(H: torch.Tensor, method: str = "eigh"):
     """``(S, S_pinv)`` with ``S Sᵀ = H`` (fp64).
 
