@@ -225,7 +225,7 @@ def checks(by: dict) -> list[tuple[str, bool | None, str]]:
 
 def _public_args(argv: list[str]) -> list[str]:
     """The command line as recorded: scratch and interpreter paths are machine-local, shown as placeholders."""
-    out, hide = [], {"--work": "DIR", "--out": "DIR", "--peers-python": "PYTHON"}
+    out, hide = [], {"--work": "DIR", "--out": "DIR", "--peers-python": "PYTHON", "--note": "…"}
     for i, x in enumerate(argv):
         out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else x.split("=")[0] + "=…" if x.split("=")[0] in hide and "=" in x else x)
     return out
@@ -246,6 +246,7 @@ def main() -> int:
                     help="plumbing check only: 4 calibration samples, 2 eval windows, ARMOR 2 iterations, "
                          "results under WORK/smoke-results (never the committed ones)")
     ap.add_argument("--row-timeout", type=float, default=3 * 3600, help="seconds per row (default 3 h)")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report (e.g. run conditions)")
     ap.add_argument("--out", default=str(RESULTS), help="results directory (default benchmarks/results)")
     ap.add_argument("--work", help="scratch directory (token file); default: a new temp dir")
     ap.add_argument("--peers-python", default=os.environ.get("TENSORPRESS_PEERS_PYTHON", str(ROOT / ".venv-peers/bin/python")))
@@ -307,7 +308,7 @@ def main() -> int:
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peer": next((r.get("versions") for r in rows if r.get("versions")), None)},
-            "llm-compressor settings": {r["row"]: r.get("settings") for r in rows if r.get("tool") == "llm-compressor"}}
+            "notes": a.note, "llm-compressor settings": {r["row"]: r.get("settings") for r in rows if r.get("tool") == "llm-compressor"}}
     chk = checks(by)
     (results / "pruning.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": [
         {"check": c, "ok": ok, "ppl": detail} for c, ok, detail in chk]}, indent=2))
@@ -323,7 +324,7 @@ def main() -> int:
               "sparsity: zeros of the decoder linears' pruned weights (ARMOR: of the 2:4 core; '-' for factorised layers).",
               "bits/weight: stored bits of the decoder linears per weight; pruned layers stored dense (fp32 with zeros) "
               "count 32, as llm-compressor's dense output does; ARMOR counts the 2:4 values, 2-bit indices and wrappers.",
-              "compress s / CPU s: compression only (loading and evaluation excluded)."]
+              "compress s / CPU s: compression only (loading and evaluation excluded)."] + a.note
     (results / "pruning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
