@@ -26,3 +26,25 @@ def machine() -> str:
 
 def fmt(v, f: str) -> str:
     return "-" if v is None else f.format(v)
+
+
+def worker_env(root: Path, threads: int, **extra) -> dict:
+    """Environment of one row's process: offline hubs, the thread count, tensorpress importable."""
+    return {**os.environ, "TP_ROOT": str(root), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def run_worker(name: str, cmd: list[str], env: dict, work: Path, timeout: float | None = None) -> dict:
+    """Run one row's process in ``work`` (peers write logs into cwd) and return the JSON of its last
+    ``RESULT `` line, with ``process_seconds``; a failed row stops the benchmark with its stderr tail."""
+    import json
+    import subprocess
+    import time
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=timeout)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise SystemExit(f"row {name} failed:\n{r.stderr[-3000:]}")
+    res = json.loads(lines[-1][7:])
+    res["process_seconds"] = round(time.perf_counter() - t0, 1)
+    return res

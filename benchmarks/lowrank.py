@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): kind "tp" runs a shipped recipe, "gptqmodel" the peer with (bits, group, rank)
 ROWS = {
@@ -117,8 +118,7 @@ print("RESULT " + json.dumps({"row": name, "tool": "tensorpress", "recipe": reci
 
 def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: str, work: Path) -> dict:
     kind, arg = ROWS[name]
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GPTQMODEL_CPU_WORKERS": "2"}
+    env = worker_env(ROOT, threads, GPTQMODEL_CPU_WORKERS="2")
     if kind == "tp":
         cmd = [sys.executable, "-c", WORKER, name, arg, str(data), str(model_dir), str(threads), str(work)]
     else:
@@ -127,28 +127,18 @@ def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: 
         cmd = [peers_python, str(ROOT / "benchmarks" / "peers" / "gptqmodel_eora.py"), str(data), str(model_dir),
                str(out), "--bits", str(bits), "--group-size", str(group), "--rank", str(rank), "--threads",
                str(threads)]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)   # peers write logs/ into cwd
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise SystemExit(f"row {name} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][7:])
+    res = run_worker(name, cmd, env, work)
     res["row"] = name
-    res["process_seconds"] = round(time.perf_counter() - t0, 1)
     return res
-
-
-def _fmt(v, f):
-    return "-" if v is None else f.format(v)
 
 
 def table(rows: list[dict]) -> list[str]:
     out = ["| row | tool | ppl | bits/weight | MB | compress s | CPU s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['row']} | {r.get('tool', '')} | {r['ppl']:.3f} | {_fmt(r.get('bits_per_weight'), '{:.2f}')} | "
-                   f"{_fmt(r.get('model_bytes') and r['model_bytes'] / 2**20, '{:.1f}')} | "
-                   f"{_fmt(r.get('compress_seconds'), '{}')} | {_fmt(r.get('compress_cpu_seconds'), '{}')} | "
-                   f"{_fmt(r.get('peak_rss_mb'), '{}')} |")
+        out.append(f"| {r['row']} | {r.get('tool', '')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '{:.2f}')} | "
+                   f"{fmt(r.get('model_bytes') and r['model_bytes'] / 2**20, '{:.1f}')} | "
+                   f"{fmt(r.get('compress_seconds'), '{}')} | {fmt(r.get('compress_cpu_seconds'), '{}')} | "
+                   f"{fmt(r.get('peak_rss_mb'), '{}')} |")
     return out
 
 
@@ -185,10 +175,8 @@ def main() -> int:
     a = ap.parse_args()
 
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tensorpress import __version__, assets
-    from tensorpress.calib.data import calibration_samples, eval_windows
     from tensorpress.evaluate import perplexity
 
     results = Path(a.out)
@@ -203,11 +191,7 @@ def main() -> int:
             print(f"error: peers environment not found at {a.peers_python} (run `make peers`)", file=sys.stderr)
             return 2
         tok = AutoTokenizer.from_pretrained(model_dir)
-        data = work / "tokens.safetensors"
-        windows = eval_windows(tok, a.eval_windows, 512)
-        if not data.exists():
-            save_file({"calib": calibration_samples(tok, a.samples, a.seq_len).contiguous(),
-                       "eval": windows.contiguous()}, data)
+        data, windows = write_tokens(work, tok, a.samples, a.seq_len, a.eval_windows)
         dense_file = rows_dir / "dense.json"
         if not (a.reuse and dense_file.exists()):
             dense = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), windows,
@@ -227,8 +211,7 @@ def main() -> int:
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in order if (rows_dir / f"{n}.json").exists()]
     by = {r["row"]: r for r in rows}
     import transformers
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores "
-            f"({platform.processor() or platform.platform()})", "threads": a.threads,
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
             "command": "python benchmarks/lowrank.py " + " ".join(sys.argv[1:]),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, write_tokens  # noqa: E402
+from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): "tp" runs a shipped recipe; "llmc" llm-compressor's modifier (method, sparsity, mask)
 ROWS = {
@@ -167,8 +166,7 @@ print("RESULT " + json.dumps({"row": name, "tool": "llm-compressor", "settings":
 def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: str, work: Path,
             timeout: float, smoke_iters: int | None) -> dict:
     kind, arg = ROWS[name]
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = worker_env(ROOT, threads)
     if smoke_iters is not None:
         env["TP_BENCH_SMOKE_ITERS"] = str(smoke_iters)
     if kind == "tp":
@@ -177,14 +175,8 @@ def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: 
         method, sparsity, mask = arg
         cmd = [peers_python, "-c", WORKER_LLMC, name, method, str(sparsity), mask, str(data), str(model_dir),
                str(threads)]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=timeout)  # peers write into cwd
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise SystemExit(f"row {name} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][7:])
+    res = run_worker(name, cmd, env, work, timeout)
     res["row"] = name
-    res["process_seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,17 +74,9 @@ print("RESULT " + json.dumps({"row": name, "tool": "tensorpress", "recipe": reci
 
 
 def run_row(name: str, data: Path, model_dir: Path, threads: int, work: Path) -> dict:
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", WORKER, name, str(data), str(model_dir), str(threads)],
-                       capture_output=True, text=True, env=env, cwd=work)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise SystemExit(f"row {name} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][7:])
-    res["process_seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+    from _common import run_worker, worker_env
+    return run_worker(name, [sys.executable, "-c", WORKER, name, str(data), str(model_dir), str(threads)],
+                      worker_env(ROOT, threads), work)
 
 
 def table(rows: list[dict]) -> list[str]:
