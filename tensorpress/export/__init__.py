@@ -71,14 +71,11 @@ def export(src, out: str | os.PathLike, fmt: str, *, tokenizer=None, recipe=None
     elif key == "dense":
         from .dense import export_dense
         write = lambda tmp: export_dense(source, tmp, max_shard_bytes=max_shard_bytes)  # noqa: E731
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            write(tmp)
-        return Path(out)
     else:
         from .compressed_tensors import export_compressed_tensors
         write = lambda tmp: export_compressed_tensors(source, tmp, max_shard_bytes=max_shard_bytes)  # noqa: E731
     from .peft import ADAPTER_SUBDIR, corrections, corrections_detached, write_adapter
-    has_lr = bool(corrections(source.model))
+    has_lr = key != "dense" and bool(corrections(source.model))    # dense merges corrections
     if has_lr and not adapter:
         raise TensorpressError("the model carries low-rank corrections, which the base formats cannot hold; "
                                "export them as a PEFT LoRA adapter (adapter=True, CLI --adapter), or merge them first")
