@@ -283,7 +283,9 @@ def test_bad_input_is_one_line_error_before_work(stage, match):
 
 def test_shipped_recipes():
     a = Recipe.load("armor-2of4").stages[0].compressor.params
-    assert (a.block_size, a.iterations) == (32, 200)
+    assert (a.block_size, a.iterations, a.lr) == (32, 300, 3e-3)
+    p = Recipe.load("armor-2of4-paper").stages[0].compressor.params
+    assert (p.block_size, p.iterations, p.lr) == (128, 20000, 1e-4)
     assert [Recipe.load(n).stages[0].compressor.params.ratio for n in ("lost-p50", "lost-p80")] == [0.5, 0.8]
 
 
