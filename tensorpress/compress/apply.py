@@ -153,6 +153,96 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
     return out
 
 
+@dataclass
+class Job:
+    """Everything a block needs to be compressed: the validated plan and the shared inputs."""
+    recipe: object
+    stages_by_name: dict
+    prefix: str
+    dense: bool                        # statistics from the dense stream (ARMOR, SVD-LLM) or the compressed one
+    last: int                          # index of the last block with a linear to compress
+    fisher: dict | None = None
+    log_file: object = None
+    on_record: object = None
+    bar: object = None
+
+
+def prepare(model: nn.Module, recipe, samples: torch.Tensor, *, stats_source: str | None = None,
+            fisher: dict | None = None, progress: bool = True) -> Job:
+    """Validate the recipe against every layer and compute what precedes the block loop (the Fisher
+    information for stages that need it)."""
+    stats_source = stats_source or recipe.calibration["stats_source"]
+    stages_by_name = plan(model, recipe)
+    layers = decoder_layers(model)
+    prefix = layers_prefix(model)
+    fisher_names = [n for n, ss in stages_by_name.items() if any("fisher" in s.compressor.requires for s in ss)]
+    if fisher_names and fisher is None:
+        all_mods = _full_linears(layers, prefix)
+        with torch.enable_grad():
+            fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
+                                    batch_size=1, progress=progress)
+    missing = [n for n in fisher_names if fisher is None or n not in fisher]
+    if missing:
+        raise TensorpressError(f"no Fisher information given for {missing[0]}")
+    return Job(recipe, stages_by_name, prefix, stats_source == "dense", _last_block(stages_by_name, prefix), fisher)
+
+
+@torch.no_grad()
+def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list) -> list[LayerRecord]:
+    """Compress the target linears of decoder block ``i`` in place and advance ``hidden`` (in place) to
+    the block's outputs, the next block's inputs: the compressed block's, or with dense statistics
+    the dense block's (computed by the statistics pass itself). Returns the block's records."""
+    prefix, stages_by_name = job.prefix, job.stages_by_name
+    targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
+    if not targets:
+        run_block(layer, hidden, calls, inplace=True)
+        return []
+    needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
+    with InputCollector(targets, needs) as col:
+        # dense: this pass's outputs are the next inputs; compressed: they are recomputed
+        # after compression, so the statistics pass drops them
+        run_block(layer, hidden, calls, after_batch=col.next_batch, keep=job.dense, inplace=True)
+    # Hook: a stage with ``prepare_block`` first sees the contexts of all the block's linears it
+    # targets (SVDQuant fits one smoothing vector per group of linears that read the same input).
+    for stage in {id(s): s for n in targets for s in stages_by_name[f"{prefix}.{i}.{n}"]}.values():
+        if hasattr(stage.compressor, "prepare_block"):
+            stage.compressor.prepare_block({f"{prefix}.{i}.{n}": LinearContext(f"{prefix}.{i}.{n}", m, m, col.stats[n])
+                                            for n, m in targets.items()
+                                            if _has(stages_by_name[f"{prefix}.{i}.{n}"], stage)})
+    records = []
+    for name, mod in targets.items():
+        full = f"{prefix}.{i}.{name}"
+        t0 = time.perf_counter()
+        ctx = LinearContext(full, mod, mod, _with_fisher(col.stats[name], job.fisher, full))
+        for stage in stages_by_name[full]:
+            ctx.current = stage.compressor.compress(ctx)
+        new = ctx.current
+        W = mod.weight.detach().float()
+        W_hat = new.effective_weight() if hasattr(new, "effective_weight") else new.weight.float()
+        if not bool(torch.isfinite(W_hat).all()):
+            raise TensorpressError(f"{full}: compression produced non-finite weights")
+        err = output_error(W, W_hat, col.stats[name].gram())
+        set_submodule(layer, name, new)
+        release_pages([mod.weight, mod.bias])     # the dense weight is not read again (see release_pages)
+        rec = LayerRecord(full, [s.compressor.name for s in stages_by_name[full]], err,
+                          time.perf_counter() - t0, peak_rss_bytes() / 2**20,
+                          new.config() if hasattr(new, "config") else {})
+        records.append(rec)
+        if job.log_file is not None:
+            job.log_file.write(json.dumps(rec.to_dict()) + "\n")
+            job.log_file.flush()
+        if job.on_record is not None:
+            job.on_record(rec)
+        if job.bar is not None:
+            job.bar.set_postfix_str(f"{name} err={err:.4f}")
+            job.bar.update(1)
+    del col
+    if i < job.last and not job.dense:
+        run_block(layer, hidden, calls, inplace=True)
+    release_memory()
+    return records
+
+
 @torch.no_grad()
 def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_size: int | None = None,
                    stats_source: str | None = None, progress: bool = True, log_file=None,
@@ -163,81 +253,23 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     ``log_file`` and passed to ``on_record`` as soon as the linear is done. Stages that need the
     Fisher information (FWSVD) get it from backward passes of the LM loss over ``samples`` on the
     dense model before anything is compressed, unless ``fisher`` (from
-    :func:`tensorpress.calib.collectors.collect_fisher`) is given.
+    :func:`tensorpress.calib.collectors.collect_fisher`) is given. (:mod:`.streaming` runs the same
+    blocks from weights on disk, one block in memory at a time, with resume.)
     """
     batch_size = batch_size or recipe.calibration["batch_size"]
-    stats_source = stats_source or recipe.calibration["stats_source"]
-    stages_by_name = plan(model, recipe)
+    job = prepare(model, recipe, samples, stats_source=stats_source, fisher=fisher, progress=progress)
+    job.log_file, job.on_record = log_file, on_record
     layers = decoder_layers(model)
-    prefix = layers_prefix(model)
-    records: list[LayerRecord] = []
-
-    fisher_names = [n for n, ss in stages_by_name.items() if any("fisher" in s.compressor.requires for s in ss)]
-    if fisher_names and fisher is None:
-        all_mods = _full_linears(layers, prefix)
-        with torch.enable_grad():
-            fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
-                                    batch_size=1, progress=progress)
-    missing = [n for n in fisher_names if fisher is None or n not in fisher]
-    if missing:
-        raise TensorpressError(f"no Fisher information given for {missing[0]}")
-
     cap = capture(model, samples, batch_size)
-    allocate_budgets(model, recipe, stages_by_name, cap, fisher, progress)
+    allocate_budgets(model, recipe, job.stages_by_name, cap, job.fisher, progress)
     # With dense statistics, every block's inputs come from the dense stream alone: the compressed
     # model's activations are never needed, so only one stream (one pass per block) is run.
-    dense = stats_source == "dense"
     hidden = cap.hidden                # updated in place, block by block
-    bar = tqdm(total=len(stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
-    last = _last_block(stages_by_name, prefix)
+    job.bar = tqdm(total=len(job.stages_by_name), desc=f"compress [{recipe.name}]", unit="linear", disable=not progress)
+    records: list[LayerRecord] = []
     for i, layer in enumerate(layers):
-        if i > last:
+        if i > job.last:
             break                      # nothing left to compress: later outputs are not needed
-        calls = [c[i] for c in cap.calls]
-        targets = {n: m for n, m in target_linears(layer).items() if f"{prefix}.{i}.{n}" in stages_by_name}
-        if not targets:
-            run_block(layer, hidden, calls, inplace=True)
-            continue
-        needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
-        with InputCollector(targets, needs) as col:
-            # dense: this pass's outputs are the next inputs; compressed: they are recomputed
-            # after compression, so the statistics pass drops them
-            run_block(layer, hidden, calls, after_batch=col.next_batch, keep=dense, inplace=True)
-        # Hook: a stage with ``prepare_block`` first sees the contexts of all the block's linears it
-        # targets (SVDQuant fits one smoothing vector per group of linears that read the same input).
-        for stage in {id(s): s for n in targets for s in stages_by_name[f"{prefix}.{i}.{n}"]}.values():
-            if hasattr(stage.compressor, "prepare_block"):
-                stage.compressor.prepare_block({f"{prefix}.{i}.{n}": LinearContext(f"{prefix}.{i}.{n}", m, m, col.stats[n])
-                                                for n, m in targets.items()
-                                                if _has(stages_by_name[f"{prefix}.{i}.{n}"], stage)})
-        for name, mod in targets.items():
-            full = f"{prefix}.{i}.{name}"
-            t0 = time.perf_counter()
-            ctx = LinearContext(full, mod, mod, _with_fisher(col.stats[name], fisher, full))
-            for stage in stages_by_name[full]:
-                ctx.current = stage.compressor.compress(ctx)
-            new = ctx.current
-            W = mod.weight.detach().float()
-            W_hat = new.effective_weight() if hasattr(new, "effective_weight") else new.weight.float()
-            if not bool(torch.isfinite(W_hat).all()):
-                raise TensorpressError(f"{full}: compression produced non-finite weights")
-            err = output_error(W, W_hat, col.stats[name].gram())
-            set_submodule(layer, name, new)
-            release_pages([mod.weight, mod.bias])     # the dense weight is not read again (see release_pages)
-            rec = LayerRecord(full, [s.compressor.name for s in stages_by_name[full]], err,
-                              time.perf_counter() - t0, peak_rss_bytes() / 2**20,
-                              new.config() if hasattr(new, "config") else {})
-            records.append(rec)
-            if log_file is not None:
-                log_file.write(json.dumps(rec.to_dict()) + "\n")
-                log_file.flush()
-            if on_record is not None:
-                on_record(rec)
-            bar.set_postfix_str(f"{name} err={err:.4f}")
-            bar.update(1)
-        del col
-        if i < last and not dense:
-            run_block(layer, hidden, calls, inplace=True)
-        release_memory()
-    bar.close()
+        records += compress_block(job, i, layer, hidden, [c[i] for c in cap.calls])
+    job.bar.close()
     return records
