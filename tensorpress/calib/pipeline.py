@@ -29,10 +29,89 @@ class Captured:
         self.calls: list[list[tuple[tuple, dict]]] = []   # [batch][layer] -> (args, kwargs)
 
 
+class ActivationStore:
+    """The per-batch activations of the current block, in memory or, once they pass ``budget_bytes``,
+    spilled to one file per batch in ``directory`` (read back one batch at a time).
+
+    A drop-in for the list ``capture``/``run_block`` use: ``append``, ``len``, iteration, ``[k]`` and
+    ``[k] = t``. ``budget_bytes=None`` keeps everything in memory (a plain list's behaviour). Files
+    are read with ``read()`` into private memory, so a batch costs memory only while it is used.
+    """
+
+    def __init__(self, directory, budget_bytes: int | None = None):
+        from pathlib import Path
+        self.directory, self.budget = Path(directory), budget_bytes
+        self._mem: list = []             # tensors, or (shape, dtype) of a spilled batch
+        self._bytes = 0
+
+    def _path(self, k: int):
+        return self.directory / f"batch-{k:06d}.bin"
+
+    def _spill(self, k: int, t: torch.Tensor):
+        import numpy as np
+        self.directory.mkdir(parents=True, exist_ok=True)
+        t = t.detach().contiguous().cpu()
+        if t.dtype == torch.bfloat16:    # numpy has no bfloat16: store its bits
+            t.view(torch.int16).numpy().tofile(self._path(k))
+        else:
+            t.numpy().tofile(self._path(k))
+        return (tuple(t.shape), t.dtype)
+
+    def _fits(self, t: torch.Tensor) -> bool:
+        return self.budget is None or self._bytes + t.numel() * t.element_size() <= self.budget
+
+    def append(self, t: torch.Tensor) -> None:
+        k = len(self._mem)
+        if self._fits(t):
+            self._mem.append(t)
+            self._bytes += t.numel() * t.element_size()
+        else:
+            self._mem.append(self._spill(k, t))
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        import numpy as np
+        v = self._mem[k]
+        if isinstance(v, torch.Tensor):
+            return v
+        shape, dtype = v
+        raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+        a = np.fromfile(self._path(k), dtype=torch.empty(0, dtype=raw_dtype).numpy().dtype)
+        t = torch.from_numpy(a).view(shape)
+        return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+    def __setitem__(self, k: int, t: torch.Tensor) -> None:
+        v = self._mem[k]
+        if isinstance(v, torch.Tensor):
+            self._mem[k] = t
+        else:
+            self._mem[k] = self._spill(k, t)
+
+    def __iter__(self):
+        for k in range(len(self._mem)):
+            yield self[k]
+
+    @property
+    def spilled(self) -> int:
+        """Number of batches on disk."""
+        return sum(not isinstance(v, torch.Tensor) for v in self._mem)
+
+    def clear(self) -> None:
+        import shutil
+        self._mem.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 @torch.no_grad()
-def capture(model: nn.Module, samples: torch.Tensor, batch_size: int) -> Captured:
+def capture(model: nn.Module, samples: torch.Tensor, batch_size: int, hidden=None) -> Captured:
+    """Record block 0's inputs (into ``hidden``: a list by default, or an :class:`ActivationStore`)
+    and every block's call arguments, per calibration batch."""
     layers = decoder_layers(model)
     cap = Captured()
+    if hidden is not None:
+        cap.hidden = hidden
     device = next(model.parameters()).device
     current: list = []
 
