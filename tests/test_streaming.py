@@ -219,3 +219,51 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path, tokens):
     assert kills >= 1 and out.is_dir()
     assert not progress.exists()                   # the work directory goes once the checkpoint is in place
     _assert_same(_tensors(out), _tensors(tmp_path / "ref"))
+
+
+def test_cli_stream_and_resume(tmp_path, tokens, capsys):
+    from safetensors.torch import save_file
+    from tensorpress.cli import main
+    d = _save_tiny(tmp_path / "m", "llama")
+    save_file({"ids": tokens}, tmp_path / "tok.safetensors")
+    rec = tmp_path / "r.yaml"
+    import yaml
+    rec.write_text(yaml.safe_dump(GPTQ))
+    base = ["compress", str(d), "-r", str(rec), "--calib", str(tmp_path / "tok.safetensors"), "--batch-size", "2",
+            "--no-eval", "-q"]
+    assert main(base + ["-o", str(tmp_path / "a"), "--stream", "--activation-budget", "0"]) == 0
+    assert (tmp_path / "a" / "layers.jsonl").read_text().count("\n") == 21
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["streamed"] is True
+    assert main(base + ["-o", str(tmp_path / "b"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "a"), "--resume"]) == 2
+    assert "already exists (the run it belongs to finished)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["-o", str(tmp_path / "c"), "--stream", "--activation-budget", "-1"])
+    # the in-memory CLI run writes the same tensors
+    assert main(base + ["-o", str(tmp_path / "mem")]) == 0
+    _assert_same(_tensors(tmp_path / "a"), _tensors(tmp_path / "mem"))
+
+
+def test_weight_source_reads_exactly_and_refuses_broken_shards(tmp_path):
+    from safetensors.torch import save_file
+    from tensorpress.compress.streaming import WeightSource
+    ts = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).bfloat16(),
+          "e": torch.empty(0, 3)}
+    save_file(ts, tmp_path / "model.safetensors")
+    src = WeightSource(tmp_path, torch.float32)
+    assert torch.equal(src.get("a"), ts["a"]) and torch.equal(src.get("b"), ts["b"])
+    assert src.get("c").dtype == torch.float32 and torch.equal(src.get("c"), ts["c"].float())
+    assert src.get("e").shape == (0, 3)
+    with pytest.raises(TensorpressError, match="no tensor zz"):
+        src.get("zz")
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[:-8])             # truncated data
+    with pytest.raises(TensorpressError, match="outside the file"):
+        WeightSource(tmp_path).get("c")
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + raw[8:])  # header length beyond the file
+    with pytest.raises(TensorpressError, match="bad header length"):
+        WeightSource(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../evil.safetensors"}}')
+    with pytest.raises(TensorpressError, match="refusing weight shard name"):
+        WeightSource(tmp_path)

@@ -48,12 +48,76 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.tensorpress-run"
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _MappedShard:
+    """One safetensors file, memory-mapped. A tensor is copied out of the mapping and the pages it
+    occupied are handed back at once (``MADV_DONTNEED`` on clean file pages: they are re-read from the
+    file if touched again), so reading a whole model block by block never makes it resident."""
+
+    def __init__(self, path: Path):
+        import mmap
+        import struct
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise TensorpressError(f"{path.name} is not a safetensors file (bad header length)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise TensorpressError(f"{path.name} has a corrupted safetensors header") from None
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if not isinstance(header, dict):
+            raise TensorpressError(f"{path.name} has a corrupted safetensors header")
+        header.pop("__metadata__", None)
+        self.base, self.size, self.header = 8 + n, size, header
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        import mmap
+        import warnings
+        info = self.header[name]
+        try:
+            dtype, shape = _DTYPES[info["dtype"]], [int(x) for x in info["shape"]]
+            start, end = (self.base + int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise TensorpressError(f"{self.path.name}: bad header entry for {name}") from None
+        numel = 1
+        for x in shape:
+            numel *= x
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or end - start != numel * itemsize or not self.base <= start <= end <= self.size:
+            raise TensorpressError(f"{self.path.name}: tensor {name} lies outside the file or disagrees with its "
+                                   "shape (truncated or corrupted?)")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():          # the mapping is read-only; the tensor is copied at once
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(self.mm, dtype=dtype, count=numel, offset=start)
+        t = view.clone().reshape(shape)
+        del view
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        except (AttributeError, OSError, ValueError):   # not Linux: the kernel reclaims them under pressure
+            pass
+        return t
+
+
 class WeightSource:
-    """The tensors of a HF model directory by name, read lazily from its safetensors shards
-    (memory-mapped: a tensor costs memory only once read, and is converted to ``dtype``)."""
+    """The tensors of a HF model directory by name, read lazily from its memory-mapped safetensors
+    shards (a tensor costs memory only once read) and converted to ``dtype``."""
 
     def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32):
-        from safetensors import safe_open
         self.dtype = dtype
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
@@ -65,23 +129,21 @@ class WeightSource:
             names = sorted(p.name for p in model_dir.glob("*.safetensors"))
         if not names:
             raise TensorpressError(f"{model_dir} has no .safetensors weights")
-        self.where, self._files = {}, []
+        self.where = {}
         for name in names:
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
                 raise TensorpressError(f"refusing weight shard name {name!r} (must be a plain .safetensors file name)")
-            try:
-                f = safe_open(model_dir / name, framework="pt")
-            except Exception as e:       # missing, truncated or not safetensors: one line
-                raise TensorpressError(f"cannot read weight shard {name}: {str(e).splitlines()[0]}") from None
-            self._files.append(f)
-            for k in f.keys():
-                self.where[k] = f
+            if not (model_dir / name).is_file():
+                raise TensorpressError(f"weight shard {name} is missing")
+            shard = _MappedShard(model_dir / name)
+            for k in shard.keys():
+                self.where[k] = shard
 
     def get(self, name: str) -> torch.Tensor:
         f = self.where.get(name)
         if f is None:
             raise TensorpressError(f"the model's weight files have no tensor {name}")
-        t = f.get_tensor(name)
+        t = f.get(name)
         return t.to(self.dtype) if t.is_floating_point() else t
 
 
