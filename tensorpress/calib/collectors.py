@@ -11,9 +11,12 @@ Statistics, by the names compressors ask for:
   ``[≤ sample_rows, in]``, for objectives that are not quadratic in the inputs (SVDQuant scores
   activation-quantised outputs). Memory is bounded: ``sample_rows · in · 4`` bytes per linear (default
   4096 rows: 9 MB at in = 576, 25 MB at in = 1536), whatever the number of calibration tokens. Each row
-  gets a random key from the collector's seeded generator and the ``sample_rows`` smallest keys are kept
+  gets a random fp64 key and the ``sample_rows`` smallest keys are kept, rows in calibration order
   (reservoir sampling by priorities), so the sample is uniform over all tokens and reproducible; linears
-  that read the same tensor get the same keys, hence the same rows.
+  that read the same tensor get the same keys, hence the same rows. A row's key depends only on
+  ``(seed, global batch index, position in the batch)`` (one generator per batch), never on which process
+  saw the batch: distributed ranks that each see some batches (``batch_offset``) and merge their samples
+  by smallest keys (:func:`tensorpress.calib.distributed.all_reduce_stats`) get the single-process sample.
 * ``fisher``     — squared per-sequence gradients of the LM loss w.r.t. the weight, summed over
   samples and reduced per input column and per output row (FWSVD). Needs backward passes; see
   :func:`collect_fisher`.
@@ -46,7 +49,7 @@ class LinearStats:
     abs_sum: torch.Tensor | None = None        # fp64 [in]
     abs_max: torch.Tensor | None = None        # fp32 [in]
     sample: torch.Tensor | None = None         # fp32 [≤ sample_rows, in]  (input_sample)
-    sample_keys: torch.Tensor | None = None    # fp32 [≤ sample_rows]      their random priorities
+    sample_keys: torch.Tensor | None = None    # fp64 [≤ sample_rows]      their random priorities
     fisher_in: torch.Tensor | None = None      # fp64 [in]   Σ over rows of squared grads
     fisher_out: torch.Tensor | None = None     # fp64 [out]  Σ over columns
     extra: dict = field(default_factory=dict)
@@ -80,15 +83,21 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
 
 
 class InputCollector:
-    """Forward hooks on a set of linears, accumulating the requested statistics of their inputs."""
+    """Forward hooks on a set of linears, accumulating the requested statistics of their inputs.
+
+    ``batch_offset`` is the global index of the first batch this collector sees (a distributed rank's
+    first calibration batch; 0 in a single process): ``input_sample`` keys are drawn from a generator
+    seeded by ``(seed, global batch index)``.
+    """
 
     def __init__(self, modules: dict[str, nn.Module], needs: dict[str, set[str]], sample_rows: int = SAMPLE_ROWS,
-                 seed: int = 0):
+                 seed: int = 0, batch_offset: int = 0):
         self.modules = modules
         self.needs = {n: set(needs.get(n, ())) & FORWARD_STATS for n in modules}
         self.stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
         self.sample_rows = sample_rows
-        self._gen = torch.Generator().manual_seed(seed)
+        self.seed, self.batch_offset = seed, batch_offset
+        self._gen = None              # this batch's key generator, made on first use
         self._handles: list = []
         self._memo: dict = {}
         self._groups: dict = {}       # first-batch input tensor -> label (input_group)
@@ -126,7 +135,7 @@ class InputCollector:
             elif what == "abs":
                 v = xf.abs().sum(0).double()
             elif what == "keys":
-                v = torch.rand(xf.shape[0], generator=self._gen)
+                v = torch.rand(xf.shape[0], generator=self._batch_generator(), dtype=torch.float64)
             else:
                 v = xf.abs().amax(0)
             self._memo[key] = (x, v)
@@ -164,9 +173,19 @@ class InputCollector:
             s.extra["input_group"] = self._groups.setdefault((x.data_ptr(), tuple(x.shape)), len(self._groups))
         s.n_tokens += n
 
+    def _batch_generator(self) -> torch.Generator:
+        # One generator per global batch: distinct tensors of a batch draw from it in hook order, which
+        # is the same in every process. fp64 keys: ties (which would make the kept set depend on the
+        # merge order) are practically impossible, unlike with 24-bit fp32 keys.
+        if self._gen is None:
+            k = self.batch_offset + self._batch
+            self._gen = torch.Generator().manual_seed((self.seed * 1_000_003 + k) & 0x7FFF_FFFF_FFFF_FFFF)
+        return self._gen
+
     def next_batch(self) -> None:
         """Forget per-batch shared results (call after each forward)."""
         self._memo.clear()
+        self._gen = None
         self._batch += 1
 
 
