@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..calib import distributed as dist
 from ..calib.collectors import InputCollector, LinearStats, collect_fisher
 from ..calib.pipeline import capture, release_memory, release_pages, run_block
 from ..errors import TensorpressError
@@ -130,15 +131,17 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
                 hidden = run_block(layer, hidden, calls, inplace=True)
                 continue
             needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
-            with InputCollector(targets, needs) as col:
+            with InputCollector(targets, needs, batch_offset=dist.batch_offset()) as col:
                 hidden = run_block(layer, hidden, calls, after_batch=col.next_batch, inplace=True)
+            dist.all_reduce_stats(col.stats, col.sample_rows)     # distributed: all ranks' tokens (no-op otherwise)
             release_memory()
             for n, m in targets.items():
                 full = f"{prefix}.{i}.{n}"
                 ctx = LinearContext(full, m, m, _with_fisher(col.stats[n], fisher, full))
                 for s in sens:
                     if _has(stages_by_name.get(full, []), s):
-                        spectra[id(s)][full] = s.compressor.spectrum(ctx).float()
+                        # distributed: rank 0's spectrum, so every rank allocates the same ranks
+                        spectra[id(s)][full] = dist.broadcast_(s.compressor.spectrum(ctx).float())
             del col
     out = {}
     for k, s in enumerate(stages):
@@ -181,6 +184,7 @@ def prepare(model: nn.Module, recipe, samples: torch.Tensor, *, stats_source: st
         with torch.enable_grad():
             fisher = collect_fisher(model, samples, {n: all_mods[n] for n in fisher_names},
                                     batch_size=1, progress=progress)
+        dist.all_reduce_stats(fisher)      # distributed: sum over every rank's samples (no-op otherwise)
     missing = [n for n in fisher_names if fisher is None or n not in fisher]
     if missing:
         raise TensorpressError(f"no Fisher information given for {missing[0]}")
@@ -198,10 +202,11 @@ def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list
         run_block(layer, hidden, calls, inplace=True)
         return []
     needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
-    with InputCollector(targets, needs) as col:
+    with InputCollector(targets, needs, batch_offset=dist.batch_offset()) as col:
         # dense: this pass's outputs are the next inputs; compressed: they are recomputed
         # after compression, so the statistics pass drops them
         run_block(layer, hidden, calls, after_batch=col.next_batch, keep=job.dense, inplace=True)
+    dist.all_reduce_stats(col.stats, col.sample_rows)   # distributed: statistics of all ranks' batches (no-op otherwise)
     # Hook: a stage with ``prepare_block`` first sees the contexts of all the block's linears it
     # targets (SVDQuant fits one smoothing vector per group of linears that read the same input).
     for stage in {id(s): s for n in targets for s in stages_by_name[f"{prefix}.{i}.{n}"]}.values():
@@ -216,7 +221,7 @@ def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list
         ctx = LinearContext(full, mod, mod, _with_fisher(col.stats[name], job.fisher, full))
         for stage in stages_by_name[full]:
             ctx.current = stage.compressor.compress(ctx)
-        new = ctx.current
+        new = dist.broadcast_module(ctx.current)     # distributed: rank 0's module on every rank (no-op otherwise)
         W = mod.weight.detach().float()
         W_hat = new.effective_weight() if hasattr(new, "effective_weight") else new.weight.float()
         if not bool(torch.isfinite(W_hat).all()):
