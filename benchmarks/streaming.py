@@ -1,7 +1,11 @@
 """Larger than memory: stream-compress synthetic Llama-style models of two depths and report peak
 resident memory against the model's fp32 size (memory must stay flat in depth).
 
-    python benchmarks/streaming.py [--layers 8 24] [--hidden 2048] [--intermediate 5632] [--threads 2]
+    python benchmarks/streaming.py [--layers 24 72] [--hidden 1024] [--intermediate 2816] [--threads 2]
+
+The default shapes are deep and narrow on purpose: what one block costs (its weights, its Gram
+statistics — the largest is intermediate² in fp64 — and GPTQ's work on it) is what the run holds,
+so a model with many small blocks is where "larger than memory" can be shown on a 24 GB machine.
 
 Each model (random weights, std 0.02, one safetensors shard per block, written block by block so
 that generating it needs one block of memory) is compressed by ``tensorpress compress --stream`` in
@@ -91,9 +95,9 @@ def run_one(work: Path, layers: int, a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[8, 24])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, nargs="+", default=[24, 72])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)

@@ -49,6 +49,7 @@ def cmd_recipes(a) -> int:
 def cmd_compress(a) -> int:
     import torch
     from . import api
+    from .calib import distributed as dist
     from .calib.data import calibration_samples, load_calibration
     from .checkpoint import save
     from .compress.apply import compress_model
@@ -67,6 +68,11 @@ def cmd_compress(a) -> int:
     threads = _threads(a.threads)
     if a.seed is not None:
         torch.manual_seed(a.seed)
+    # Distributed calibration (launched by torchrun: WORLD_SIZE > 1): every rank loads the model and the
+    # samples, compresses on its share of the calibration batches (statistics are all-reduced, compressed
+    # modules broadcast from rank 0); rank 0 alone evaluates, prints and writes. A no-op otherwise.
+    dist.init()                                      # the CLI runs the model on the CPU: gloo
+    rank0 = dist.is_main()
     model_dir, _ = resolve_model_path(a.model)
     model, tok = load_model(a.model)
     from .compress.apply import plan
@@ -77,8 +83,10 @@ def cmd_compress(a) -> int:
         if tok is None:
             raise TensorpressError("the model has no tokenizer: pass token ids with --calib FILE.safetensors")
         samples = calibration_samples(tok, cal["samples"], cal["seq_len"], cal["seed"])
+    shard = dist.shard_samples(samples, cal["batch_size"])     # this rank's whole batches (all of them alone)
+    evaluate = not a.no_eval and rank0
     rows = []
-    if not a.no_eval:
+    if evaluate:
         dense = api.evaluate(model, tok, a.eval_windows, a.eval_seq_len,
                              cache_key=api.dense_cache_key(model_dir) if a.eval_windows else None)
         rows.append({"label": "dense", **dense})
@@ -88,15 +96,22 @@ def cmd_compress(a) -> int:
         from tqdm.auto import tqdm
         tqdm.write(f"{rec.name:<40} {'+'.join(rec.methods):<12} err {rec.rel_error:.5f}  "
                    f"{rec.seconds:6.2f} s  RSS {rec.peak_rss_mb:7.0f} MB")
-    records = compress_model(model, recipe, samples, batch_size=cal["batch_size"],
-                             stats_source=cal["stats_source"], progress=not a.quiet, log_file=log,
-                             on_record=show if a.verbose else None)
+    records = compress_model(model, recipe, shard, batch_size=cal["batch_size"],
+                             stats_source=cal["stats_source"], progress=not a.quiet and rank0, log_file=log,
+                             on_record=show if a.verbose and rank0 else None)
     seconds = time.perf_counter() - t0
+    if not rank0:                                    # rank 0 holds the same compressed model and writes it
+        del model, records
+        dist.barrier()
+        dist.close()
+        return 0
     peak = peak_rss_bytes()
     report = {"model": str(a.model), "recipe": recipe.to_dict(), "calibration_samples": list(samples.shape),
               "compress_seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20), "threads": threads,
               "mean_rel_error": sum(r.rel_error for r in records) / len(records)}
-    if not a.no_eval:
+    if dist.world_size() > 1:
+        report["processes"] = dist.world_size()
+    if evaluate:
         comp = api.evaluate(model, tok, a.eval_windows, a.eval_seq_len)
         rows.append({"label": recipe.name, **comp, "compress_seconds": report["compress_seconds"],
                      "peak_rss_mb": report["peak_rss_mb"]})
@@ -113,6 +128,8 @@ def cmd_compress(a) -> int:
         else:
             print(f"compressed {len(records)} linears in {seconds:.1f} s (peak RSS {report['peak_rss_mb']} MB)")
         print(f"checkpoint: {out}  (report.json and layers.jsonl inside)")
+    dist.barrier()                                   # the other ranks wait until the checkpoint is written
+    dist.close()
     return 0
 
 

@@ -226,7 +226,7 @@ def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list
         W_hat = new.effective_weight() if hasattr(new, "effective_weight") else new.weight.float()
         if not bool(torch.isfinite(W_hat).all()):
             raise TensorpressError(f"{full}: compression produced non-finite weights")
-        err = output_error(W, W_hat, col.stats[name].gram())
+        err = output_error(W, W_hat, col.stats[name].gram_sum)   # a ratio: the sum serves, no fp64 copy
         set_submodule(layer, name, new)
         release_pages([mod.weight, mod.bias])     # the dense weight is not read again (see release_pages)
         rec = LayerRecord(full, [s.compressor.name for s in stages_by_name[full]], err,
