@@ -35,6 +35,16 @@ def _positive(v: str) -> int:
     return i
 
 
+def _megabytes(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MB, got {v!r}") from None
+    if not f >= 0 or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite size >= 0 in MB, got {v!r}")
+    return f
+
+
 def cmd_recipes(a) -> int:
     from .recipe import Recipe, available_recipes
     for name, path in available_recipes().items():
@@ -46,7 +56,80 @@ def cmd_recipes(a) -> int:
     return 0
 
 
+def _compress_streamed(a) -> int:
+    """``compress --stream``: one decoder block in memory at a time, resumable (see compress/streaming.py)."""
+    import torch
+    from . import api
+    from .calib.data import calibration_samples, load_calibration
+    from .compress.streaming import compress_streaming, work_dir_for
+    from .evaluate import peak_rss_bytes
+    from .modeling import _load_tokenizer, resolve_model_path
+    from .recipe import Recipe
+
+    out = Path(a.output)
+    if out.exists():
+        raise TensorpressError(f"output path {out} already exists" + (" (the run it belongs to finished)"
+                               if a.resume else " (choose another or remove it)"))
+    if a.resume and not (work_dir_for(out) / "progress.json").is_file():
+        raise TensorpressError(f"nothing to resume for {out}: no interrupted streaming run left "
+                               f"{work_dir_for(out).name} next to it")
+    recipe = Recipe.load(a.recipe)
+    cal = recipe.calibration
+    for key, val in (("samples", a.samples), ("seq_len", a.seq_len), ("batch_size", a.batch_size), ("seed", a.seed)):
+        if val is not None:
+            cal[key] = val
+    threads = _threads(a.threads)
+    model_dir, gguf = resolve_model_path(a.model)
+    if gguf is not None:
+        raise TensorpressError("--stream reads safetensors weights; a .gguf model cannot be streamed")
+    tok = _load_tokenizer(model_dir, None, False)
+    if a.calib:
+        samples = load_calibration(a.calib, tok, cal["samples"], cal["seq_len"], cal["seed"])
+    else:
+        if tok is None:
+            raise TensorpressError("the model has no tokenizer: pass token ids with --calib FILE.safetensors")
+        samples = calibration_samples(tok, cal["samples"], cal["seq_len"], cal["seed"])
+    t0 = time.perf_counter()
+    report = {"model": str(a.model), "recipe": recipe.to_dict(), "calibration_samples": list(samples.shape),
+              "threads": threads, "streamed": True, "activation_budget_mb": a.activation_budget}
+
+    def files(records):
+        report.update(compress_seconds=round(time.perf_counter() - t0, 1), peak_rss_mb=round(peak_rss_bytes() / 2**20),
+                      mean_rel_error=sum(r.rel_error for r in records) / max(len(records), 1))
+        return {"report.json": json.dumps(report, indent=2),
+                "layers.jsonl": "".join(json.dumps(r.to_dict()) + "\n" for r in records)}
+
+    def show(rec):
+        from tqdm.auto import tqdm
+        tqdm.write(f"{rec.name:<40} {'+'.join(rec.methods):<12} err {rec.rel_error:.5f}  "
+                   f"{rec.seconds:6.2f} s  RSS {rec.peak_rss_mb:7.0f} MB")
+    records = compress_streaming(model_dir, recipe, samples, out, batch_size=cal["batch_size"],
+                                 stats_source=cal["stats_source"], resume=a.resume,
+                                 activation_budget_mb=a.activation_budget, tokenizer=tok, extra_files=files,
+                                 progress=not a.quiet, on_record=show if a.verbose else None)
+    if not a.no_eval:
+        from .checkpoint import load
+        comp = api.evaluate(load(out), tok, a.eval_windows, a.eval_seq_len)
+        report["compressed"] = comp
+        comp.update(label=recipe.name, model_mb=comp["model_bytes"] / 1e6,
+                    compress_seconds=report["compress_seconds"], peak_rss_mb=report["peak_rss_mb"])
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        if not a.no_eval:
+            print(api.format_table([report["compressed"]]))
+        else:
+            print(f"compressed {len(records)} linears in {report['compress_seconds']:.1f} s "
+                  f"(peak RSS {report['peak_rss_mb']} MB)")
+        print(f"checkpoint: {out}  (report.json and layers.jsonl inside)")
+    return 0
+
+
 def cmd_compress(a) -> int:
+    if a.stream or a.resume:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TensorpressError("--stream/--resume run in one process; launch them without torchrun")
+        return _compress_streamed(a)
     import torch
     from . import api
     from .calib import distributed as dist
@@ -228,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     c.add_argument("--verbose", "-v", action="store_true", help="print one line per compressed linear "
                    "(relative output error on the calibration inputs, seconds, peak RSS)")
+    c.add_argument("--stream", action="store_true", help="hold one decoder block in memory at a time (weights read "
+                   "from the model's safetensors as needed; for models larger than memory) and record progress so "
+                   "that an interrupted run can be resumed; evaluates only the compressed checkpoint")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted --stream run with the same "
+                   "arguments from its last finished block (implies --stream)")
+    c.add_argument("--activation-budget", type=_megabytes, metavar="MB", help="with --stream: keep calibration activations "
+                   "in memory up to MB megabytes, spill the rest to disk (default: all in memory)")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="protocol perplexity, size and bits per weight of a model or checkpoint")
