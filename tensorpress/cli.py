@@ -20,7 +20,12 @@ EPILOG = "docs: README.md · recipes: `tensorpress recipes` · protocol: 128×51
 
 def _threads(n: int | None) -> int:
     import torch
-    n = n or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
+    if not n:
+        try:                     # a junk OMP_NUM_THREADS ("", "4,2", "lots") falls back to the cores
+            n = int(os.environ.get("OMP_NUM_THREADS", 0))
+        except ValueError:
+            n = 0
+        n = n if n > 0 else os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
 
@@ -243,9 +248,14 @@ def cmd_inspect(a) -> int:
     errors = {}
     log = path / "layers.jsonl"
     if log.is_file():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
+        # The log is informative only: lines that are not records (hand-edited, truncated by a
+        # kill) are skipped instead of failing the inspection.
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except (json.JSONDecodeError, RecursionError):
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("name"), str):
                 errors[rec["name"]] = rec
     rows = []
     for name, m in model.named_modules():
@@ -259,7 +269,7 @@ def cmd_inspect(a) -> int:
                      "rank": cfg.get("factor_rank", cfg.get("rank", 0)),
                      "bits/weight": round(m.storage_bits() / (m.in_features * m.out_features), 3),
                      "sparsity": round(float((w == 0).float().mean()), 4),
-                     "rel_error": None if "rel_error" not in rec else round(rec["rel_error"], 5),
+                     "rel_error": round(rec["rel_error"], 5) if isinstance(rec.get("rel_error"), (int, float)) else None,
                      "seconds": rec.get("seconds")})
     if a.json:
         print(json.dumps(rows, indent=2))
