@@ -1,7 +1,7 @@
 """Larger than memory: stream-compress synthetic Llama-style models of two depths and report peak
 resident memory against the model's fp32 size (memory must stay flat in depth).
 
-    python benchmarks/streaming.py [--layers 24 72] [--hidden 1024] [--intermediate 2816] [--threads 2]
+    python benchmarks/streaming.py [--layers 24 120] [--hidden 1024] [--intermediate 2816] [--threads 2]
 
 The default shapes are deep and narrow on purpose: what one block costs (its weights, its Gram
 statistics — the largest is intermediate² in fp64 — and GPTQ's work on it) is what the run holds,
@@ -95,7 +95,7 @@ def run_one(work: Path, layers: int, a) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[24, 72])
+    ap.add_argument("--layers", type=int, nargs="+", default=[24, 120])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--heads", type=int, default=16)

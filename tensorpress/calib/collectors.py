@@ -147,7 +147,10 @@ class InputCollector:
         if "gram" in needs:
             g = self._compute(x, "gram")
             _check_finite(g, name)
-            s.gram_sum = g.clone() if s.gram_sum is None else s.gram_sum + g
+            if s.gram_sum is None:
+                s.gram_sum = g.clone()      # g may be shared by linears reading the same input
+            else:
+                s.gram_sum.add_(g)          # in place: no second n×n buffer per batch
         if "input_norm" in needs and "gram" not in needs:
             v = self._compute(x, "sq")
             _check_finite(v, name)

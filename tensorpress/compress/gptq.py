@@ -22,29 +22,36 @@ from .rtn import quant_spec
 
 def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``; retries with more damping."""
+    # Memory: at most three n×n matrices besides H at any moment (a 28672-wide down_proj's fp64
+    # Hessian is 6.6 GB, so every extra copy matters on big models).
     mean_diag = H.diagonal().mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(5):
-        Hd = H + (damp * 10**attempt) * mean_diag * eye
+        Hd = H.clone()
+        Hd.diagonal().add_((damp * 10**attempt) * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U
     raise TensorpressError("GPTQ: the Hessian stays singular after damping; use more calibration data")
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-                  act_order: bool = False, static_groups: bool = False, block_size: int = 128):
+                  act_order: bool = False, static_groups: bool = False, block_size: int = 128,
+                  overwrite_h: bool = False):
     """Quantise ``W [out, in]`` given ``H ∝ XᵀX``.
 
     Returns ``codes [out, in]`` (int32, original column order), ``scales [G, out]``,
-    ``zeros [G, out]`` and ``g_idx [in]`` (``None`` when groups are contiguous).
+    ``zeros [G, out]`` and ``g_idx [in]`` (``None`` when groups are contiguous). ``overwrite_h``
+    lets the function use a float64 ``H`` the caller no longer needs as its workspace.
     """
     W = W.float().clone()
     out_f, in_f = W.shape
-    H = H.double().clone()
+    H = H.double() if overwrite_h else H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -56,8 +63,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     if static_groups:
         static = [find_params(W[:, j:j + g], spec, hdiag[j:j + g]) for j in range(0, in_f, g)]
     perm = torch.argsort(hdiag, descending=True) if act_order else torch.arange(in_f)
-    W, H, hd = W[:, perm], H[perm][:, perm], hdiag[perm]
+    if act_order:
+        W, H, hdiag = W[:, perm], H[perm][:, perm], hdiag[perm]
+    hd = hdiag
     U = _hinv_upper(H, damp).float()
+    del H
 
     # Blocks are a multiple of the group so that every dynamic group lies inside one block.
     if spec.group_size != -1:
@@ -138,6 +148,7 @@ class GPTQ(Compressor):
     def compress(self, ctx: LinearContext):
         p = self.params
         codes, scales, zeros, g_idx = gptq_quantize(ctx.current_weight(), ctx.stats.gram(), self.spec, p.damp,
-                                                    p.act_order, p.static_groups, p.block_size)
+                                                    p.act_order, p.static_groups, p.block_size,
+                                                    overwrite_h=True)      # gram() is a fresh copy
         return QuantLinear.from_codes(codes, scales, zeros, bits=self.spec.bits, group_size=self.spec.group_size,
                                       sym=self.spec.sym, g_idx=g_idx, bias=ctx.bias, dtype=ctx.dtype)
