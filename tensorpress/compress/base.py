@@ -11,6 +11,7 @@ rejected with a one-line :class:`TensorpressError` when the recipe is built, bef
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,6 +106,9 @@ def check_number(name: str, value, lo=None, hi=None, integer=False, lo_open=Fals
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise TensorpressError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    # NaN passes every comparison below and inf breaks rank/size arithmetic later: refuse both here.
+    if not math.isfinite(value):
+        raise TensorpressError(f"{name} must be a finite number, got {value!r}")
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise TensorpressError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and (value >= hi if hi_open else value > hi):

@@ -26,7 +26,7 @@ from ..errors import TensorpressError
 from ..nn import CompressedLinear
 from .base import LinearContext, register
 from .budget import BudgetParams, LowRankStage
-from .lowrank import positive_scale, scaled_lowrank, truncated_svd, whitened_lowrank
+from .lowrank import balance_factors, positive_scale, scaled_lowrank, truncated_svd, whitened_lowrank
 
 FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "model": None}
 SPACES = ("eigen", "activation", "identity")
@@ -47,7 +47,7 @@ class _Correction(LowRankStage):
         p = self.params
         if p.space not in SPACES:
             raise TensorpressError(f"space must be one of {', '.join(SPACES)}, got {p.space!r}")
-        if p.factor_dtype not in FACTOR_DTYPES:
+        if not isinstance(p.factor_dtype, str) or p.factor_dtype not in FACTOR_DTYPES:   # dict lookup: str first
             raise TensorpressError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {p.factor_dtype!r}")
         if p.allocation == "sensitivity":
             raise TensorpressError(f"allocation 'sensitivity' is for factorisations (svd, svd-llm, asvd, fwsvd); "
@@ -77,7 +77,9 @@ class _Correction(LowRankStage):
 
     def compress(self, ctx: LinearContext):
         E = self.residual(ctx)
-        down, up = self.fit(E, ctx, self.rank_for(ctx))
+        # Balanced factors: the product is the same, and a badly scaled metric cannot push one factor
+        # past the fp16 range (inf) and the other below it (0).
+        down, up = balance_factors(*self.fit(E, ctx, self.rank_for(ctx)))
         if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
             raise TensorpressError(f"{ctx.name}: the {self.name} factors are not finite")
         cur = ctx.current

@@ -127,6 +127,17 @@ def scaled_lowrank(E: torch.Tensor, rank: int, col_scale: torch.Tensor | None = 
     return down.to(dtype), up.to(dtype)
 
 
+def balance_factors(down: torch.Tensor, up: torch.Tensor):
+    """Rescale each rank-1 term ``up[:, k] down[k]`` so that both factors have the same norm: the
+    product is unchanged, and neither factor leaves the range of a 16-bit dtype when the metric is
+    badly scaled (activations ~1e-20 give ``S⁻¹``, hence ``down``, ~1e20 and ``up`` ~1e-20, which
+    fp16 stores as inf and 0)."""
+    dn, un = down.norm(dim=1), up.norm(dim=0)
+    ok = (dn > 0) & (un > 0) & torch.isfinite(dn) & torch.isfinite(un)
+    s = torch.where(ok, (un / dn.where(ok, torch.ones_like(dn))).sqrt(), torch.ones_like(dn))
+    return down * s[:, None], up / s[None, :]
+
+
 def positive_scale(v: torch.Tensor, eps: float) -> torch.Tensor:
     """``v + eps·mean(v)`` for a non-negative importance vector: strictly positive, and the result of
     a weighted SVD stays invariant to a global rescaling of ``v`` (a fixed absolute epsilon would

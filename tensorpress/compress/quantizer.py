@@ -28,9 +28,10 @@ class QuantSpec:
     clip_search: bool = False      # search a shrink factor of the range per group (MSE)
 
     def validate(self, in_features: int | None = None) -> "QuantSpec":
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise TensorpressError(f"bits must be an integer in [2, 8], got {self.bits!r}")
-        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+                self.group_size != -1 and self.group_size < 1):
             raise TensorpressError(f"group_size must be -1 (per row) or a positive integer, got {self.group_size!r}")
         if self.group_size != -1 and self.group_size % 8 and self.group_size > 8:
             raise TensorpressError(f"group_size must be a multiple of 8 (or -1), got {self.group_size}")

@@ -17,6 +17,7 @@ Conventions (docs: algorithms/sparse.md §0.5, §0.6, §6.1):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -102,10 +103,11 @@ def parse_pattern(pattern) -> tuple[int, int]:
             # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124.
             hint = " (quote it in YAML: an unquoted 2:4 is read as the number 124)"
         raise TensorpressError(f"pattern must be a string like \"2:4\", got {pattern!r}{hint}")
-    parts = pattern.strip().split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    # ASCII digits only: str.isdigit() accepts "²", which int() then rejects with a ValueError.
+    match = re.fullmatch(r"\s*([0-9]{1,6})\s*:\s*([0-9]{1,6})\s*", pattern)
+    if match is None:
         raise TensorpressError(f"pattern must look like \"2:4\" (N kept of every M), got {pattern!r}")
-    n_keep, m = int(parts[0]), int(parts[1])
+    n_keep, m = int(match[1]), int(match[2])
     check_nm_args(n_keep, m)
     return n_keep, m
 

@@ -9,7 +9,8 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
 
 * **Smoothing search** (§6.4): spans ``a_j = max_t |x_tj|`` (the ``abs_max`` statistic) and
   ``w_j = max_o |W_oj|``; candidates ``λ = a^α / w^β`` over ``{(0,0)} ∪ {(α,0)} ∪ {(α,1−α)}``,
-  ``α ∈ {1/n, …, (n−1)/n}`` (``alpha_grid`` n = 20: 39 candidates). Zero spans count as 1; a candidate
+  ``α ∈ {1/n, …, (n−1)/n}`` (``alpha_grid`` n = 20: 39 candidates). Zero spans take the geometric
+  mean of the positive ones (scale-free); a candidate
   with any NaN/Inf becomes all ones; every candidate is divided by its geometric mean (an exact global
   rescaling that changes no quantised error but keeps ``A ⊘ λ`` and the scales well inside fp16).
   Each candidate is scored on the real quantised output error ``‖X Wᵀ − (Q_a(x̂) Q(Ŵ−L)ᵀ + x̂ Lᵀ)‖²``
@@ -58,12 +59,20 @@ RESIDUAL_QUANTIZERS = ("rtn", "gptq")
 
 # --- the math, as plain functions (the tests call these) ------------------------------------------
 
+def _fill_zero_spans(v: torch.Tensor) -> torch.Tensor:
+    """Zero (dead) spans take the geometric mean of the positive ones (all zero: ones). A fixed 1
+    would not be scale-free: with activations ~1e-20 a dead channel would stand 1e20 above the live
+    ones, and λ = a^α spread over ~1e7 overflows the fp16 branch (``W·λ``) into inf."""
+    pos = v > 0
+    if not bool(pos.any()):
+        return torch.ones_like(v)
+    return torch.where(pos, v, v[pos].log().mean().exp())
+
+
 def smoothing_candidates(a: torch.Tensor, w: torch.Tensor, grid: int = 20):
     """``[(alpha, beta, λ)]``: ``(0,0)`` first, then ``(α,0)`` and ``(α,1−α)`` for ``α = k/grid``."""
-    a = a.double().abs()
-    w = w.double().abs()
-    a = torch.where(a > 0, a, torch.ones_like(a))
-    w = torch.where(w > 0, w, torch.ones_like(w))
+    a = _fill_zero_spans(a.double().abs())
+    w = _fill_zero_spans(w.double().abs())
     pairs = [(0.0, 0.0)]
     alphas = [k / grid for k in range(1, grid)]
     pairs += [(al, 0.0) for al in alphas] + [(al, 1.0 - al) for al in alphas]
@@ -211,7 +220,7 @@ class SVDQuant(Compressor):
         p = self.params
         check_number("rank", p.rank, 0, integer=True)
         check_number("bits", p.bits, 2, 8, integer=True)
-        if p.act_bits not in ACT_BITS or isinstance(p.act_bits, bool):
+        if isinstance(p.act_bits, bool) or not isinstance(p.act_bits, int) or p.act_bits not in ACT_BITS:
             raise TensorpressError(f"act_bits must be one of 4, 8, 16, got {p.act_bits!r}")
         if p.act_bits == 8 and p.bits != 4:
             raise TensorpressError(f"act_bits 8 runs the W4A8 kernel, which needs bits 4 (got {p.bits})")
@@ -231,7 +240,7 @@ class SVDQuant(Compressor):
             raise TensorpressError(f"residual_quantizer must be one of {', '.join(RESIDUAL_QUANTIZERS)}, "
                                    f"got {p.residual_quantizer!r}")
         check_number("damp", p.damp, 0, 1, lo_open=True)
-        if p.factor_dtype not in FACTOR_DTYPES:
+        if not isinstance(p.factor_dtype, str) or p.factor_dtype not in FACTOR_DTYPES:   # dict lookup: str first
             raise TensorpressError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {p.factor_dtype!r}")
         self.spec = QuantSpec(p.bits, p.group_size, True, False).validate()
         self._lam: dict[str, torch.Tensor] = {}
@@ -277,11 +286,24 @@ class SVDQuant(Compressor):
             lam = self._search([ctx])
         lam = lam.float().double()                                   # stored in fp32: compute with it
         X = ctx.stats.input_sample()
-        A, B, _, _ = refit_branch(W, X, lam, p.rank, self.spec, p.act_bits, self.act_group_size,
-                                  p.iterations, p.early_stop, dt=torch.float32)
+        try:
+            A, B, _, _ = refit_branch(W, X, lam, p.rank, self.spec, p.act_bits, self.act_group_size,
+                                      p.iterations, p.early_stop, dt=torch.float32)
+        except torch.linalg.LinAlgError:
+            # Only non-finite input reaches here: fp16 group scales overflow (|W·λ| beyond ~4e5).
+            raise TensorpressError(f"{ctx.name}: svdquant: the smoothed weight leaves the fp16 range of the "
+                                   f"quantisation scales") from None
         fdt = FACTOR_DTYPES[p.factor_dtype] or ctx.dtype
         down = (A / lam[None, :]).to(fdt)
         up = B.to(fdt)
+        if p.rank and not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())) and \
+                not bool((lam == 1).all()):
+            # The chosen smoothing is too wide for the factor dtype (degenerate statistics: W·λ or
+            # A ⊘ λ overflows fp16): refit without smoothing rather than store inf factors.
+            lam = torch.ones_like(lam)
+            A, B, _, _ = refit_branch(W, X, lam, p.rank, self.spec, p.act_bits, self.act_group_size,
+                                      p.iterations, p.early_stop, dt=torch.float32)
+            down, up = A.to(fdt), B.to(fdt)
         R = W * lam[None, :] - (up.double() @ down.double()) * lam[None, :]
         if p.residual_quantizer == "gptq":
             H = ctx.stats.gram() / (lam[:, None] * lam[None, :])
