@@ -18,6 +18,7 @@ Every target linear of the decoder blocks gets, in order, the stages whose ``tar
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -74,16 +75,16 @@ class Recipe:
     def from_dict(cls, d: Any, name: str = "recipe") -> "Recipe":
         if not isinstance(d, dict):
             raise TensorpressError(f"recipe {name}: expected a mapping at the top level")
-        unknown = sorted(set(d) - TOP_KEYS)
+        unknown = _names(set(d) - TOP_KEYS)
         if unknown:
-            raise TensorpressError(f"recipe {name}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(TOP_KEYS))}")
+            raise TensorpressError(f"recipe {name}: unknown key(s) {unknown}; valid: {', '.join(sorted(TOP_KEYS))}")
         calib = dict(CALIBRATION_KEYS)
         user_calib = d.get("calibration") or {}
         if not isinstance(user_calib, dict):
             raise TensorpressError(f"recipe {name}: 'calibration' must be a mapping")
-        bad = sorted(set(user_calib) - set(CALIBRATION_KEYS))
+        bad = _names(set(user_calib) - set(CALIBRATION_KEYS))
         if bad:
-            raise TensorpressError(f"recipe {name}: unknown calibration key(s) {', '.join(bad)}; "
+            raise TensorpressError(f"recipe {name}: unknown calibration key(s) {bad}; "
                                    f"valid: {', '.join(CALIBRATION_KEYS)}")
         calib.update(user_calib)
         _check_calibration(calib, name)
@@ -95,6 +96,9 @@ class Recipe:
             if not isinstance(s, dict) or "method" not in s:
                 raise TensorpressError(f"recipe {name}: stage {i + 1} must be a mapping with a 'method'")
             params = {k: v for k, v in s.items() if k not in STAGE_KEYS}
+            odd = [k for k in params if not isinstance(k, str)]
+            if odd:      # YAML allows any key type; ``**params`` needs strings
+                raise TensorpressError(f"recipe {name}, stage {i + 1}: parameter names must be strings, got {odd[0]!r}")
             comp_cls = get_compressor(str(s["method"]))
             try:
                 comp = comp_cls(**params)
@@ -112,18 +116,24 @@ class Recipe:
             return spec
         if isinstance(spec, dict):
             return cls.from_dict(spec)
+        if not isinstance(spec, (str, os.PathLike)) or "\0" in str(spec):
+            raise TensorpressError(f"a recipe is a shipped name, a YAML path or a mapping, got {spec!r}")
         path = Path(spec)
-        if not path.suffix and not path.exists():
-            shipped = available_recipes()
-            if str(spec) not in shipped:
-                raise TensorpressError(f"unknown recipe '{spec}'; shipped recipes: {', '.join(shipped)}")
-            path = shipped[str(spec)]
-        if not path.is_file():
-            raise TensorpressError(f"recipe file {path} does not exist")
         try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise TensorpressError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            if not path.suffix and not path.exists():
+                shipped = available_recipes()
+                if str(spec) not in shipped:
+                    raise TensorpressError(f"unknown recipe '{spec}'; shipped recipes: {', '.join(shipped)}")
+                path = shipped[str(spec)]
+            if not path.is_file():
+                raise TensorpressError(f"recipe file {path} does not exist")
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:   # unreadable, not text, name too long, ...
+            raise TensorpressError(f"cannot read recipe {spec}: {getattr(e, 'strerror', None) or e}") from None
+        try:
+            d = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise TensorpressError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0] if str(e) else e!r}") from None
         return cls.from_dict(d, name=path.stem)
 
     # --- use --------------------------------------------------------------------------------------
@@ -142,6 +152,11 @@ class Recipe:
                 "stages": [s.to_dict() for s in self.stages]}
 
 
+def _names(keys) -> str:
+    """Keys of any type (YAML allows ints, None, ...) listed in a stable order for a message."""
+    return ", ".join(sorted(map(str, keys)))
+
+
 def _patterns(v, name) -> list[str]:
     pats = [v] if isinstance(v, str) else v
     if not isinstance(pats, list) or not all(isinstance(p, str) for p in pats):
@@ -149,7 +164,7 @@ def _patterns(v, name) -> list[str]:
     for p in pats:
         try:
             re.compile(p)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:   # "a{99999999999}" overflows
             raise TensorpressError(f"recipe {name}: bad regex {p!r}: {e}") from None
     return pats
 
