@@ -40,6 +40,15 @@ def _positive(v: str) -> int:
     return i
 
 
+def _output_path(v: str) -> Path:
+    out = Path(v)
+    try:
+        out.exists()
+    except (OSError, ValueError) as e:          # a name too long for the file system, a NUL byte
+        raise TensorpressError(f"output path {v[:80]!r}... is not usable: {e.__class__.__name__}") from None
+    return out
+
+
 def _megabytes(v: str) -> float:
     try:
         f = float(v)
@@ -71,7 +80,7 @@ def _compress_streamed(a) -> int:
     from .modeling import _load_tokenizer, resolve_model_path
     from .recipe import Recipe
 
-    out = Path(a.output)
+    out = _output_path(a.output)
     if out.exists():
         raise TensorpressError(f"output path {out} already exists" + (" (the run it belongs to finished)"
                                if a.resume else " (choose another or remove it)"))
@@ -145,7 +154,7 @@ def cmd_compress(a) -> int:
     from .modeling import load_model, resolve_model_path
     from .recipe import Recipe
 
-    out = Path(a.output)
+    out = _output_path(a.output)
     if out.exists():
         raise TensorpressError(f"output path {out} already exists (choose another or remove it)")
     recipe = Recipe.load(a.recipe)
@@ -223,19 +232,34 @@ def cmd_compress(a) -> int:
 
 def cmd_eval(a) -> int:
     from . import api
-    from .modeling import load_model, resolve_model_path
+    from .modeling import _load_tokenizer, is_tensorpress_checkpoint, load_model, resolve_model_path
     threads = _threads(a.threads)
-    model_dir, _ = resolve_model_path(a.path)
-    model, tok = load_model(a.path)
+    model_dir, gguf = resolve_model_path(a.path)
+    pruning = None
+    if a.prune_rate is not None:
+        # UniQL: slice the sorted checkpoint to the rate now (elastic.py); a bad rate fails before loading
+        from . import elastic
+        elastic.check_rate(a.prune_rate)
+        if gguf is not None or not is_tensorpress_checkpoint(model_dir):
+            raise TensorpressError(f"--prune-rate needs a tensorpress checkpoint compressed with the 'uniql' method; "
+                                   f"{a.path} is not a tensorpress checkpoint")
+        model = elastic.load(model_dir, prune_rate=a.prune_rate)
+        tok, pruning = _load_tokenizer(model_dir, None, False), model.tensorpress_pruning
+    else:
+        model, tok = load_model(a.path)
     if tok is None:
         raise TensorpressError(f"{a.path} has no tokenizer files; evaluation needs one")
-    key = api.dense_cache_key(model_dir)
+    key = api.dense_cache_key(model_dir) if pruning is None else None
     r = api.evaluate(model, tok, a.windows, a.seq_len, progress=not a.quiet, cache_key=key)
     r["threads"] = threads
+    if pruning is not None:
+        r["prune_rate"], r["realised_prune_rate"] = pruning["rate"], pruning["realised_rate"]
     if a.json:
         print(json.dumps(r, indent=2))
     else:
         r["label"], r["model_mb"] = str(a.path), r["model_bytes"] / 1e6
+        if pruning is not None:
+            r["label"] += f" @ prune rate {pruning['rate']:g} (realised {pruning['realised_rate']:.4f})"
         print(api.format_table([r]))
     return 0
 
@@ -337,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="window length (protocol: 512)")
     e.add_argument("--threads", type=_positive, help="torch threads (default: all cores)")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    e.add_argument("--prune-rate", type=float, metavar="R", help="UniQL checkpoints: prune to rate R (fraction of the "
+                   "decoder linears' weights removed, 0 to the checkpoint's max) when loading; no calibration")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", help="per-layer format, rank, bits, sparsity and error of a checkpoint")

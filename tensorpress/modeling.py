@@ -21,11 +21,16 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, str | None]:
         from . import assets
         return assets.default_model_dir(), None
     p = Path(spec)
-    if p.is_file() and p.suffix == ".gguf":
+    try:
+        is_gguf, exists = p.is_file() and p.suffix == ".gguf", p.exists()
+        is_model_dir = p.is_dir() and (p / "config.json").is_file()
+    except (OSError, ValueError) as e:           # a name too long for the file system, a NUL byte
+        raise TensorpressError(f"model path {str(spec)[:80]!r}... is not usable: {e.__class__.__name__}") from None
+    if is_gguf:
         return p.parent, p.name
-    if not p.exists():
+    if not exists:
         raise TensorpressError(f"model {spec} does not exist (give a local HF directory, a .gguf file or 'default')")
-    if not p.is_dir() or not (p / "config.json").is_file():
+    if not is_model_dir:
         raise TensorpressError(f"{spec} is not a model directory (no config.json)")
     try:
         json.loads((p / "config.json").read_text())
@@ -39,9 +44,10 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, str | None]:
 def is_tensorpress_checkpoint(path: Path) -> bool:
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return False
-    return (cfg.get("quantization_config") or {}).get("quant_method") == "tensorpress"
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "tensorpress"
 
 
 def load_model(spec, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -52,11 +58,24 @@ def load_model(spec, dtype: torch.dtype = torch.float32, trust_remote_code: bool
     if gguf is None and is_tensorpress_checkpoint(path):
         from .checkpoint import load
         return load(path), _load_tokenizer(path, None, trust_remote_code)
+    from safetensors import SafetensorError
+    if gguf is None:
+        cfg = json.loads((path / "config.json").read_text())        # valid JSON: resolve_model_path checked
+        qc = cfg.get("quantization_config") if isinstance(cfg, dict) else "not a mapping"
+        if qc is not None and not isinstance(qc, dict):
+            raise TensorpressError(f"{spec}: config.json's quantization_config is not a mapping (corrupted config)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise TensorpressError(f"could not load a causal LM from {spec}: {str(e).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype,
+                                                           trust_remote_code=trust_remote_code,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TensorpressError(f"could not load a causal LM from {spec}: {msg}") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        # transformers fills missing weights with random values: never compress or evaluate those
+        raise TensorpressError(f"{spec}: the weight files lack {len(missing)} tensor(s) of the architecture, "
+                               f"e.g. {sorted(missing)[0]} (a tensorpress checkpoint without its quantization_config?)")
     if gguf is not None:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -626,12 +626,10 @@ def test_hostile_checkpoint_is_refused(ck, case, capsys, no_unpickling):
 # ``tensorpress eval`` decides through tensorpress.modeling.is_tensorpress_checkpoint, which calls
 # ``.get`` on whatever config.json holds: a JSON list or a string quantization_config is an internal
 # error there (exit 1). Reported; modeling.py is outside this test's scope to fix.
-EVAL_GAPS = {"config-a-list", "quantization-config-a-string"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason="modeling.is_tensorpress_checkpoint "
-                                  "crashes on non-mapping configs", strict=False)) if c in EVAL_GAPS else c
-                                  for c in sorted(HOSTILE)])
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_checkpoint_through_eval(ck, case, capsys, no_unpickling):
     from tensorpress.cli import main
     HOSTILE[case][0](ck)
@@ -801,9 +799,8 @@ SUBCOMMANDS = ["compress", "eval", "inspect", "recipes", "export"]
 @st.composite
 def _argv(draw, paths):
     d = paths["dir"]
-    # No dense model in the pools: no fuzz case can start a compression. Not in the pools either, as
-    # tensorpress.modeling (eval, compress) turns them into internal errors (test_cli_known_gaps):
-    # paths longer than a file name, a model directory with a junk .safetensors.
+    # No dense model in the pools: no fuzz case can start a compression. Paths longer than a file
+    # name and a model directory with a junk .safetensors are checked by test_cli_path_and_weight_errors.
     places = st.sampled_from([str(paths["ck"]), str(paths["badck"]), str(d / "empty"), str(d / "junk.txt"),
                               str(d / "notjson"), str(d / "missing"), "missing/deeper", "",
                               " ", "-", "../..", "/", "default-x"])
@@ -900,17 +897,13 @@ def test_cli_regressions(cli_env, capsys, monkeypatch, argv):
     _run_cli(args, capsys)
 
 
-# tensorpress.modeling and tensorpress.export._common (not part of this change) turn neither the
-# OSError of a path that is too long, nor a config.json that is not a mapping, nor the
-# SafetensorError of a junk model.safetensors in a plain HF directory into a TensorpressError:
-# `eval`, `compress` and `export` exit with 1 there.
-@pytest.mark.xfail(reason="modeling.resolve_model_path / is_tensorpress_checkpoint / load_model and "
-                   "export._common.resolve_source gaps", strict=False)
+# Paths too long for the file system, a config.json that is not a mapping, junk weights in a plain HF
+# directory: one-line errors (exit 2) from eval, compress and export alike.
 @pytest.mark.parametrize("argv", [["eval", "x" * 300], ["eval", "LISTCFG"], ["eval", "WEIGHTS"],
                                   ["compress", "WEIGHTS", "-r", "rtn-w4g64", "-o", "c"],
                                   ["export", "x" * 300, "-f", "gptq", "-o", "g"],
                                   ["compress", "x" * 300, "-r", "rtn-w4g64", "-o", "c"]])
-def test_cli_known_gaps(cli_env, capsys, argv):
+def test_cli_path_and_weight_errors(cli_env, capsys, argv):
     d = cli_env["dir"]
     (d / "listcfg").mkdir(exist_ok=True)
     (d / "listcfg" / "config.json").write_text("[]")

@@ -91,8 +91,9 @@ class InputCollector:
     """
 
     def __init__(self, modules: dict[str, nn.Module], needs: dict[str, set[str]], sample_rows: int = SAMPLE_ROWS,
-                 seed: int = 0, batch_offset: int = 0):
+                 seed: int = 0, batch_offset: int = 0, prefix: str = ""):
         self.modules = modules
+        self.prefix = prefix          # prepended to linear names in error messages (e.g. "model.layers.3.")
         self.needs = {n: set(needs.get(n, ())) & FORWARD_STATS for n in modules}
         self.stats = {n: LinearStats(m.in_features) for n, m in modules.items()}
         self.sample_rows = sample_rows
@@ -146,20 +147,22 @@ class InputCollector:
         n = x.numel() // x.shape[-1]
         if "gram" in needs:
             g = self._compute(x, "gram")
-            _check_finite(g, name)
+            _check_finite(g, self.prefix + name)
             if s.gram_sum is None:
                 s.gram_sum = g.clone()      # g may be shared by linears reading the same input
             else:
                 s.gram_sum.add_(g)          # in place: no second n×n buffer per batch
         if "input_norm" in needs and "gram" not in needs:
             v = self._compute(x, "sq")
-            _check_finite(v, name)
+            _check_finite(v, self.prefix + name)
             s.sq_sum = v.clone() if s.sq_sum is None else s.sq_sum + v
         if "abs_mean" in needs:
             v = self._compute(x, "abs")
+            _check_finite(v, self.prefix + name)
             s.abs_sum = v.clone() if s.abs_sum is None else s.abs_sum + v
         if "abs_max" in needs:
             v = self._compute(x, "max")
+            _check_finite(v, self.prefix + name)
             s.abs_max = v.clone() if s.abs_max is None else torch.maximum(s.abs_max, v)
         if "input_sample" in needs:
             keys = self._compute(x, "keys")
@@ -169,7 +172,7 @@ class InputCollector:
             if keys.numel() > self.sample_rows:
                 idx = torch.topk(keys, self.sample_rows, largest=False).indices.sort().values
                 keys, rows = keys[idx], rows[idx]
-            _check_finite(rows, name)
+            _check_finite(rows, self.prefix + name)
             s.sample_keys, s.sample = keys.clone(), rows.clone()
         if self._batch == 0 and "input_sample" in needs and "input_group" not in s.extra:
             # x is alive in the memo (its keys) until next_batch(): no other tensor can share its address

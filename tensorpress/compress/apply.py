@@ -131,7 +131,7 @@ def allocate_budgets(model: nn.Module, recipe, stages_by_name: dict, cap, fisher
                 hidden = run_block(layer, hidden, calls, inplace=True)
                 continue
             needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
-            with InputCollector(targets, needs, batch_offset=dist.batch_offset()) as col:
+            with InputCollector(targets, needs, batch_offset=dist.batch_offset(), prefix=f"{prefix}.{i}.") as col:
                 hidden = run_block(layer, hidden, calls, after_batch=col.next_batch, inplace=True)
             dist.all_reduce_stats(col.stats, col.sample_rows)     # distributed: all ranks' tokens (no-op otherwise)
             release_memory()
@@ -202,7 +202,7 @@ def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list
         run_block(layer, hidden, calls, inplace=True)
         return []
     needs = {n: _needs(stages_by_name, f"{prefix}.{i}.{n}") for n in targets}
-    with InputCollector(targets, needs, batch_offset=dist.batch_offset()) as col:
+    with InputCollector(targets, needs, batch_offset=dist.batch_offset(), prefix=f"{prefix}.{i}.") as col:
         # dense: this pass's outputs are the next inputs; compressed: they are recomputed
         # after compression, so the statistics pass drops them
         run_block(layer, hidden, calls, after_batch=col.next_batch, keep=job.dense, inplace=True)

@@ -61,7 +61,11 @@ def resolve_source(src, recipe=None, tokenizer=None) -> Source:
     if isinstance(src, (str, os.PathLike)):
         from ..checkpoint import load
         path = Path(src)
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except (OSError, ValueError):            # a name too long for the file system, a NUL byte
+            is_dir = False
+        if not is_dir:
             raise TensorpressError(f"export source {path} is not a directory (expected a tensorpress checkpoint)")
         model = load(path)
         qc = getattr(model.config, "quantization_config", None)
