@@ -31,7 +31,7 @@ _LAZY = {
     "compress": ("compress.apply", "compress_model"),
     "evaluate": ("api", "evaluate"),
     "save": ("checkpoint", "save"),
-    "load": ("checkpoint", "load"),
+    "load": ("elastic", "load"),                 # checkpoint.load (+ prune_rate for UniQL checkpoints)
     "export": ("export", "export"),
 }
 
