@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report (e.g. run conditions)")
     a = ap.parse_args()
     # The child reports its own peak RSS (ru_maxrss of its process), so nothing here inflates it.
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tp-stream-"))
@@ -126,13 +127,17 @@ def main():
     checks = [("largest model's fp32 weights ≥ 3× the run's peak RSS", f"{big['ratio']}×", big["ratio"] >= 3),
               (f"peak RSS flat in depth ({small['layers']} → {big['layers']} layers: within 10 %)",
                f"{small['peak_rss_mb']} → {big['peak_rss_mb']} MB", big["peak_rss_mb"] <= 1.1 * small["peak_rss_mb"])]
-    cmd = "python benchmarks/streaming.py " + " ".join(sys.argv[1:])
+    argv = list(sys.argv[1:])
+    for flag in ("--work", "--out"):                 # scratch and output paths are the machine's own
+        if flag in argv and argv.index(flag) + 1 < len(argv):
+            argv[argv.index(flag) + 1] = "DIR"
+    cmd = "python benchmarks/streaming.py " + " ".join(argv)
     res = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "command": cmd.strip(),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
            "model": {"family": "llama (random weights)", "hidden": a.hidden, "intermediate": a.intermediate,
                      "heads": a.heads, "kv_heads": a.kv_heads, "vocab": a.vocab},
            "recipe": a.recipe, "calibration": [a.samples, a.seq_len], "activation_budget_mb": a.activation_budget,
-           "rows": rows, "checks": [{"check": c, "value": v, "pass": bool(p)} for c, v, p in checks]}
+           "rows": rows, "notes": a.note, "checks": [{"check": c, "value": v, "pass": bool(p)} for c, v, p in checks]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "streaming.json").write_text(json.dumps(res, indent=2))
@@ -147,6 +152,7 @@ def main():
     lines += [f"| {c} | {v} | {'yes' if p else 'no'} |" for c, v, p in checks]
     lines += ["", f"command: `{cmd.strip()}`; peak RSS is the compressing process's own maximum resident set "
               "(ru_maxrss), model loading included; it is measured, not enforced by a limit."]
+    lines += [f"note: {n}" for n in a.note]
     (out / "streaming.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not a.work:
