@@ -51,8 +51,9 @@ def compressed(tmp_path_factory):
     """GPTQ-4-bit UniQL checkpoints of a tiny Llama and Qwen2 (saved once for the module)."""
     out = {}
     for fam in ("llama", "qwen2"):
-        m = make_tiny(fam, seed=3)
-        compress_model(m, recipe(quantizer="gptq"), data(), progress=False)
+        m = make_tiny(fam, seed=3)        # the shipped recipe's GPTQ settings (act-order on static groups)
+        compress_model(m, recipe(quantizer="gptq", act_order=True, static_groups=True, clip_search=True), data(),
+                       progress=False)
         p = tmp_path_factory.mktemp(f"uniql-{fam}") / "ckpt"
         import tensorpress as tp
         tp.save(m, p)
@@ -335,6 +336,8 @@ def test_recipe_and_model_errors():
         recipe(head_grid=3)
     with pytest.raises(TensorpressError, match="multiple of group_size"):
         recipe(mlp_grid=48)
+    with pytest.raises(TensorpressError, match="act_order needs static_groups"):
+        recipe(act_order=True)
     with pytest.raises(TensorpressError, match="not a multiple of mlp_grid"):
         plan(make_tiny("llama"), recipe(mlp_grid=64))
     partial = Recipe.load({"name": "p", "stages": [{"method": "uniql", **TINY, "targets": "mlp"}]})
