@@ -199,8 +199,7 @@ def cmd_compress(a) -> int:
     seconds = time.perf_counter() - t0
     if not rank0:                                    # rank 0 holds the same compressed model and writes it
         del model, records
-        dist.barrier()
-        dist.close()
+        dist.finish()                                # wait for rank 0's checkpoint, leave the group
         return 0
     peak = peak_rss_bytes()
     report = {"model": str(a.model), "recipe": recipe.to_dict(), "calibration_samples": list(samples.shape),
@@ -225,8 +224,7 @@ def cmd_compress(a) -> int:
         else:
             print(f"compressed {len(records)} linears in {seconds:.1f} s (peak RSS {report['peak_rss_mb']} MB)")
         print(f"checkpoint: {out}  (report.json and layers.jsonl inside)")
-    dist.barrier()                                   # the other ranks wait until the checkpoint is written
-    dist.close()
+    dist.finish()                                    # the other ranks wait until the checkpoint is written
     return 0
 
 

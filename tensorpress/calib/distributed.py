@@ -94,6 +94,23 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def finish() -> None:
+    """The last synchronisation of a run: every rank waits until rank 0 has written, then leaves.
+    Gloo can raise on a rank whose peer already exited after completing the final barrier (a
+    shutdown race, "connection closed by peer"); that is no failure of the run — rank 0's exit code
+    is the run's result — so only rank 0 reports errors here."""
+    try:
+        barrier()
+    except Exception:
+        if is_main():
+            raise
+    try:
+        close()
+    except Exception:
+        if is_main():
+            raise
+
+
 def _comm_device() -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
