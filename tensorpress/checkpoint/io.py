@@ -55,10 +55,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with storage-shared (tied) tensors kept once, under their first name."""
+def _unique_state(model: nn.Module, names=None) -> dict[str, torch.Tensor]:
+    """State dict with storage-shared (tied) tensors kept once, under their first name; only the
+    entries in ``names`` when given (the others are not touched: they may live on ``meta``)."""
     seen, out = set(), {}
     for k, v in model.state_dict().items():
+        if names is not None and k not in names:
+            continue
         key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else None
         if key is not None and key in seen:
             continue

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..calib.pipeline import ActivationStore, capture, release_memory, run_block
 from ..checkpoint.format import build_quantization_config, replace_modules
-from ..checkpoint.io import CONFIG, _fsync_dir, _sha256, atomic_dir
+from ..checkpoint.io import CONFIG, _fsync_dir, _sha256, _unique_state, atomic_dir
 from ..errors import TensorpressError
 from ..evaluate import peak_rss_bytes
 from ..modeling import decoder_layers, layers_prefix
@@ -341,7 +341,7 @@ def compress_streaming(model_dir: str | os.PathLike, recipe, samples: torch.Tens
             from ..nn import CompressedLinear
             modules = {f"{full_prefix}{k}": m.config() for k, m in layer.named_modules()
                        if isinstance(m, CompressedLinear)}
-            state = {f"{full_prefix}{k}": v for k, v in _unique(layer).items()}
+            state = {f"{full_prefix}{k}": v for k, v in _unique_state(layer).items()}
             shard = _shard_name(i, n + 1)
             sha = _save_shard(work / shard, state)
             prog.record(i, {"shard": shard, "sha256": sha, "modules": modules,
@@ -360,7 +360,7 @@ def compress_streaming(model_dir: str | os.PathLike, recipe, samples: torch.Tens
             b = prog.state["blocks"][str(i)]
             _link_or_copy(work / b["shard"], tmp / b["shard"])
             shards[b["shard"]] = {"size": (tmp / b["shard"]).stat().st_size, "sha256": b["sha256"]}
-        rest_tensors = _unique_named(model, rest)
+        rest_tensors = _unique_state(model, set(rest))
         name = _shard_name(n, n + 1)
         shards[name] = {"size": 0, "sha256": _save_shard(tmp / name, rest_tensors)}
         shards[name]["size"] = (tmp / name).stat().st_size
@@ -399,35 +399,6 @@ class _Released(nn.Module):
 
     def forward(self, *a, **k):
         raise RuntimeError("this block was released by the streaming runner")
-
-
-def _unique(module: nn.Module) -> dict[str, torch.Tensor]:
-    seen, out = set(), {}
-    for k, v in module.state_dict().items():
-        key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen.add(key)
-        out[k] = v.detach().contiguous().cpu()
-    return out
-
-
-def _unique_named(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The persistent non-block tensors (state-dict names), storage-shared ones (tied head) once."""
-    state = model.state_dict()
-    seen, out = set(), {}
-    for k in state:
-        if k not in names:
-            continue
-        v = state[k]
-        key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen.add(key)
-        out[k] = v.detach().contiguous().cpu()
-    return out
 
 
 def _shard_keys(path: Path) -> list[str]:
