@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.6,<3.10"],
-        "test": ["pytest", "pytest-xdist", "hypothesis", "datasets"],
+        "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "datasets"],
     },
     entry_points={"console_scripts": ["tensorpress = tensorpress.cli:main"]},
 )

@@ -1,9 +1,10 @@
 """Distributed calibration (torchrun, 2 CPU ranks over gloo) against a single process.
 
 One torchrun launch of this file (``__main__`` below: process start-up is most of the cost) runs every
-distributed case, the Python API's and then the CLI's ``tensorpress compress`` (which joins the process
-group itself, from torchrun's environment), and writes the results (safetensors, JSON, a checkpoint).
-The tests compare them with single-process runs of the same recipes on the same samples, made here.
+distributed case of the Python API and writes the results (safetensors, JSON); a second launch runs the
+CLI, ``torchrun -m tensorpress compress ...`` (which joins the process group itself, from torchrun's
+environment), and writes a checkpoint. The tests compare them with single-process runs of the same
+recipes on the same samples, made here. A launch that hangs is killed with its ranks and fails.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def _cli_inputs(d: Path) -> torch.Tensor:
     return ids
 
 
-def _worker(out: Path, cli: Path) -> None:
+def _worker(out: Path) -> None:
     torch.set_num_threads(1)
     from tensorpress.calib import distributed as dist
     from tensorpress.calib.collectors import LinearStats
@@ -159,17 +160,30 @@ def _worker(out: Path, cli: Path) -> None:
     for key in RECIPES:
         _save(me / f"{key}.safetensors", _compress(key, dist.shard_samples(_samples(), BS)))
     report["compress_batch_offset"] = dist.batch_offset()
-    dist.barrier()
-    dist.close()
-
-    # the command line, as `torchrun --nproc-per-node 2 -m tensorpress compress ...` runs it
-    from tensorpress.cli import main
-    report["cli_rc"] = main(_cli_args(cli))
-    report["cli_group_closed"] = not torch.distributed.is_initialized()
+    dist.finish()
+    report["group_closed"] = not torch.distributed.is_initialized()
     (me / "report.json").write_text(json.dumps(report))
 
 
 # --- launching ---------------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc): torchrun starts each rank in its own session, so
+    killing torchrun's process group leaves the ranks running (and holding our pipes open)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
 
 def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TENSORPRESS_DEBUG": ""}
@@ -179,24 +193,47 @@ def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)            # torchrun and its two ranks: a hung collective must not linger
-        p.communicate()
-        raise
+        # a hung collective: kill torchrun AND its ranks (they live in sessions of their own), then
+        # collect what they printed, with a bound (an unkillable leftover must not hang the suite)
+        for pid in [*_descendants(p.pid), p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            stdout, stderr = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", "(no output: the pipes stayed open)"
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran over {timeout} s; stderr:\n"
+                             f"{(stderr or '')[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    out, cli = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("cli")
-    ids = _cli_inputs(cli)
-    r = _torchrun(Path(__file__).resolve(), out, cli)
+    out = tmp_path_factory.mktemp("dist")
+    r = _torchrun(Path(__file__).resolve(), out)
     assert r.returncode == 0, r.stderr[-4000:]
-    return out, cli, ids, r
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_launch(tmp_path_factory):
+    """``torchrun --nproc-per-node 2 -m tensorpress compress ...``: its own launch, as users run it (one
+    process group per process; a group re-created in one process would meet the first one's stale
+    rendezvous keys in torchrun's store)."""
+    cli = tmp_path_factory.mktemp("cli")
+    ids = _cli_inputs(cli)
+    r = _torchrun("-m", "tensorpress", *_cli_args(cli))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return cli, ids, r
 
 
 @pytest.fixture
 def ranks(launch):
-    return launch[0]
+    for r in (0, 1):
+        assert _report(launch, r)["group_closed"]
+    return launch
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -310,17 +347,14 @@ def test_compress_matches_single_process(ranks, key):
     assert _report(ranks, 1)["compress_batch_offset"] == 3
 
 
-def test_torchrun_cli_matches_single_process(launch):
+def test_torchrun_cli_matches_single_process(cli_launch):
     """``tensorpress compress`` under torchrun: rank 0 alone prints and writes one checkpoint, equal to a
     single-process compression on the same samples."""
     from tensorpress.checkpoint import load
     from tensorpress.compress.apply import compress_model
     from tensorpress.modeling import load_model
     from tensorpress.recipe import Recipe
-    out, cli, ids, r = launch
-    for k in (0, 1):
-        rep = _report(out, k)
-        assert rep["cli_rc"] == 0 and rep["cli_group_closed"]
+    cli, ids, r = cli_launch
     assert r.stdout.count("compressed 14 linears") == 1 and r.stdout.count("checkpoint:") == 1, r.stdout
     report = json.loads((cli / "out" / "report.json").read_text())
     assert report["processes"] == 2 and report["calibration_samples"] == [8, 64]
@@ -331,4 +365,4 @@ def test_torchrun_cli_matches_single_process(launch):
 
 
 if __name__ == "__main__":           # one rank of the torchrun launch in the `ranks` fixture
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    _worker(Path(sys.argv[1]))
