@@ -29,9 +29,12 @@ def fmt(v, f: str) -> str:
 
 
 def worker_env(root: Path, threads: int, **extra) -> dict:
-    """Environment of one row's process: offline hubs, the thread count, tensorpress importable."""
-    return {**os.environ, "TP_ROOT": str(root), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    """Environment of one row's process: offline hubs, the thread count, tensorpress importable.
+    OpenMP threads sleep when idle (``OMP_WAIT_POLICY=PASSIVE``, unless set): spinning threads made
+    small decompositions and GPTQ 20-100x slower whenever the cores were shared (measured on 2 cores;
+    results are unchanged), so rows measured beside any other work were not comparable."""
+    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TP_ROOT": str(root), "OMP_NUM_THREADS": str(threads),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def run_worker(name: str, cmd: list[str], env: dict, work: Path, timeout: float | None = None) -> dict:
