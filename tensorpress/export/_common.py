@@ -92,7 +92,9 @@ def resolve_source(src, recipe=None, tokenizer=None) -> Source:
 
 @dataclass
 class Inventory:
-    quant: dict[str, QuantLinear] = field(default_factory=dict)   # the linears the exporter writes itself
+    # The compressed linears the exporter converts itself: the QuantLinears for GPTQ / compressed-tensors,
+    # every CompressedLinear (low-rank, pruned, ... and the head) for the dense export.
+    compressed: dict[str, CompressedLinear] = field(default_factory=dict)
     dense_linears: list[str] = field(default_factory=list)   # decoder linears left unquantised
     lm_head: str | None = None
 
@@ -135,13 +137,13 @@ def inventory(model: nn.Module, fmt: str) -> Inventory:
                                        f"(lm_head: false) — leave it out of the recipe's targets")
             if m.bits not in range(2, 9):
                 raise TensorpressError(f"{name}: {m.bits}-bit weights are not representable in {fmt}")
-            inv.quant[name] = m
+            inv.compressed[name] = m
         elif isinstance(m, CompressedLinear) and not isinstance(m, DenseLinear):
             raise TensorpressError(f"{name}: compressed module {type(m).__name__} has no {fmt} representation "
                                    f"(format 'dense' writes it as plain weights)")
         elif isinstance(m, (nn.Linear, DenseLinear)) and name != inv.lm_head:
             inv.dense_linears.append(name)
-    if not inv.quant:
+    if not inv.compressed:
         raise TensorpressError(f"the model has no quantised linear (QuantLinear) to export as {fmt}; "
                                f"compress it with a gptq/rtn stage first")
     return inv
@@ -152,23 +154,23 @@ def inventory_dense(model: nn.Module) -> Inventory:
     inv = Inventory(lm_head=_output_embedding_name(model))
     for name, m in model.named_modules():
         if isinstance(m, CompressedLinear):
-            inv.quant[name] = m
-    if not inv.quant:
+            inv.compressed[name] = m
+    if not inv.compressed:
         raise TensorpressError("the model has no compressed linear; it is dense already (save_pretrained it)")
     return inv
 
 
 def dense_state(model: nn.Module, inv: Inventory, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor outside the quantised linears, as transformers names it; tied copies kept once.
+    """Every tensor outside ``inv.compressed``, as transformers names it; tied copies kept once.
 
     ``DenseLinear`` weights (pruned layers) are cast to the model dtype; other tensors keep theirs.
     """
-    quant_prefixes = tuple(n + "." for n in inv.quant)
+    compressed_prefixes = tuple(n + "." for n in inv.compressed)
     dense_mods = {n for n, m in model.named_modules() if isinstance(m, DenseLinear)}
     seen: set = set()
     out: dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
-        if k.startswith(quant_prefixes):
+        if k.startswith(compressed_prefixes):
             continue
         mod, _, leaf = k.rpartition(".")
         if mod in dense_mods and leaf not in ("weight", "bias"):

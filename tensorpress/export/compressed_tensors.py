@@ -97,7 +97,7 @@ def export_compressed_tensors(src: Source, tmp: Path, max_shard_bytes: int | Non
     tensors = dense_state(model, inv, dtype)
     check_tied_head(model, tensors, inv)
     groups: dict[tuple, list[str]] = {}
-    for name, m in inv.quant.items():
+    for name, m in inv.compressed.items():
         for k, v in ct_tensors(m, dtype, name).items():
             tensors[f"{name}.{k}"] = v
         groups.setdefault(module_scheme(m), []).append(name)

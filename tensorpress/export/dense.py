@@ -31,11 +31,11 @@ def export_dense(src: Source, tmp: Path, max_shard_bytes: int | None = None) -> 
     dtype = src.dtype
     inv = inventory_dense(model)
     tensors = dense_state(model, inv, dtype)
-    for name, m in inv.quant.items():
+    for name, m in inv.compressed.items():
         for k, v in dense_tensors(m, dtype).items():
             tensors[f"{name}.{k}"] = v
     check_tied_head(model, tensors, inv)
-    prov = provenance(src, "dense", compressed_formats=sorted({m.FORMAT for m in inv.quant.values()}))
+    prov = provenance(src, "dense", compressed_formats=sorted({m.FORMAT for m in inv.compressed.values()}))
     cfg = config_dict(src, {})
     cfg.pop("quantization_config")
     metadata = {"producer": f"tensorpress {prov['version']}", "tensorpress_export": "dense",

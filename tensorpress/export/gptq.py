@@ -103,18 +103,18 @@ def export_gptq(src: Source, tmp: Path, checkpoint_format: str | None = None,
     """Write a GPTQ checkpoint of ``src`` into ``tmp``; returns the quantization config written."""
     model = src.model
     inv = inventory(model, "GPTQ")
-    bits, group_size, sym = _uniform_scheme(inv.quant)
+    bits, group_size, sym = _uniform_scheme(inv.compressed)
     if checkpoint_format is None:
         checkpoint_format = "gptq" if sym else "gptq_v2"
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise TensorpressError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, "
                                f"got {checkpoint_format!r}")
-    desc_act = any(has_act_order(m) for m in inv.quant.values())
+    desc_act = any(has_act_order(m) for m in inv.compressed.values())
     dtype = src.dtype
 
     tensors = dense_state(model, inv, dtype)
     check_tied_head(model, tensors, inv)
-    for name, m in inv.quant.items():
+    for name, m in inv.compressed.items():
         for k, v in gptq_tensors(m, checkpoint_format, dtype, name).items():
             tensors[f"{name}.{k}"] = v
 
@@ -137,7 +137,7 @@ def export_gptq(src: Source, tmp: Path, checkpoint_format: str | None = None,
         # (optimum) reads `modules_in_block_to_quantize` (module names are matched by suffix, full
         # names are exact).
         qc["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in inv.dense_linears}
-        qc["modules_in_block_to_quantize"] = [list(inv.quant)]
+        qc["modules_in_block_to_quantize"] = [list(inv.compressed)]
     metadata = {"producer": f"tensorpress {prov['version']}", "tensorpress_export": "gptq",
                 "checkpoint_format": checkpoint_format}
     if src.recipe is not None:
