@@ -9,7 +9,7 @@ OUT     ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-.PHONY: run test env peers assets clean-env bench-gptq bench-lowrank bench-pruning
+.PHONY: run test env peers assets clean-env bench-gptq bench-lowrank bench-pruning bench-compare
 
 ## run: create the environment, fetch the default model and text, compress with the default recipe,
 ##      print the dense-vs-compressed report table
@@ -51,6 +51,14 @@ bench-lowrank: env peers assets
 ## bench-pruning: Wanda/SparseGPT (vs llm-compressor's), ARMOR, Wanda+EoRA, LOST vs SVD on the protocol (writes benchmarks/results/)
 bench-pruning: env peers assets
 	$(BIN)/python benchmarks/pruning.py --threads $(THREADS)
+
+## bench-compare: every shipped method beside the CPU peers (llm-compressor, GPTQModel, bitsandbytes, HQQ):
+##      one table and two plots, results into benchmarks/results/ and the README (about 8 h on 2 cores;
+##      BENCH_ARGS=--reuse finishes an interrupted run)
+BENCH_ARGS ?=
+bench-compare: env peers assets
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/compare.py --threads $(THREADS) --readme $(BENCH_ARGS)
 
 clean-env:
 	rm -rf $(VENV) $(PEERS)

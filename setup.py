@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.6,<3.10"],
+        "bench": ["matplotlib"],
         "test": ["pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "datasets"],
     },
     entry_points={"console_scripts": ["tensorpress = tensorpress.cli:main"]},
