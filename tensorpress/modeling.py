@@ -1,9 +1,12 @@
 """Finding and loading models: local HF directories, GGUF files, ``default``; decoder layers and
-their target linears for any Llama / Qwen2 / Mistral / Gemma style decoder."""
+their target linears for any Llama / Qwen2 / Mistral / Gemma style decoder; which norm feeds which
+linears in the decoder layers whose forward is known exactly (:func:`norm_readers`, for folding
+per-channel input scales into the norm: :func:`scaled_norm_weight`)."""
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,3 +125,92 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 def linear_weight_count(model: nn.Module) -> int:
     return sum(m.in_features * m.out_features for layer in decoder_layers(model)
                for m in target_linears(layer).values())
+
+
+# --- which norm feeds which linears (folding per-channel input scales into the norm) --------------
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+
+# family -> (transformers.models.<module>, class-name stem of its DecoderLayer / Attention / MLP / RMSNorm,
+#            unit offset, {norm: the linears that read its output})
+# Llama / Qwen2 / Mistral: ``h = x + attn(input_layernorm(x)); h + mlp(post_attention_layernorm(h))`` with
+# ``RMSNorm(x) = w · n(x)``. Gemma 3: ``h = x + post_attention_layernorm(attn(input_layernorm(x)));
+# h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`` with ``RMSNorm(x) = (1 + w) · n(x)``
+# (``n(x) = x / sqrt(mean(x²) + eps)``; checked against transformers 5.x).
+_NORM_LAYOUTS = {
+    "llama": ("llama", "Llama", False, {"input_layernorm": _QKV, "post_attention_layernorm": _GATE_UP}),
+    "qwen2": ("qwen2", "Qwen2", False, {"input_layernorm": _QKV, "post_attention_layernorm": _GATE_UP}),
+    "mistral": ("mistral", "Mistral", False, {"input_layernorm": _QKV, "post_attention_layernorm": _GATE_UP}),
+    "gemma3": ("gemma3", "Gemma3", True, {"input_layernorm": _QKV, "pre_feedforward_layernorm": _GATE_UP}),
+}
+
+# A folded norm weight must reproduce the scaled multiplier to this relative error (per channel) or
+# better: ``max(NORM_FOLD_RTOL, 4 · eps(weight dtype))``. Llama-style ``w / s`` always does (one
+# rounding); Gemma's ``(1 + w')`` cannot represent a multiplier much smaller than 1 precisely
+# (``w'`` near −1 keeps the absolute precision of numbers near 1).
+NORM_FOLD_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """A norm of a decoder block and every linear that reads its output (names inside the block)."""
+    norm: str
+    linears: tuple[str, ...]
+    unit_offset: bool              # True: the norm computes ``(1 + w) · n(x)`` (Gemma), else ``w · n(x)``
+
+
+def _layout_classes(family: str):
+    import importlib
+    mod_name, stem, offset, readers = _NORM_LAYOUTS[family]
+    try:
+        mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
+        layer, attn, mlp, norm = (getattr(mod, f"{stem}{k}") for k in ("DecoderLayer", "Attention", "MLP", "RMSNorm"))
+    except (ImportError, AttributeError):
+        return None
+    return layer, attn, mlp, norm, offset, readers
+
+
+def norm_readers(layer: nn.Module) -> list[NormReaders]:
+    """The norms of decoder block ``layer`` whose output only the listed linears read, for the decoder
+    layers whose forward is known exactly (Llama / Qwen2 / Mistral / Gemma 3 of transformers: the
+    layer, attention, MLP and norm classes must be exactly those, not subclasses). ``[]`` for
+    anything else: callers then keep per-channel scales in the linears. ``o_proj`` and ``down_proj``
+    never appear (no norm precedes them)."""
+    for family in _NORM_LAYOUTS:
+        classes = _layout_classes(family)
+        if classes is None or type(layer) is not classes[0]:
+            continue
+        _, attn, mlp, norm_cls, offset, readers = classes
+        if type(getattr(layer, "self_attn", None)) is not attn or type(getattr(layer, "mlp", None)) is not mlp:
+            return []
+        out = []
+        for norm_name, linears in readers.items():
+            norm = getattr(layer, norm_name, None)
+            if type(norm) is not norm_cls or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+                continue
+            try:
+                mods = [layer.get_submodule(n) for n in linears]
+            except AttributeError:
+                continue
+            if all(getattr(m, "in_features", None) == norm.weight.shape[-1] for m in mods) and norm.weight.dim() == 1:
+                out.append(NormReaders(norm_name, linears, offset))
+        return out
+    return []
+
+
+def scaled_norm_weight(weight: torch.Tensor, unit_offset: bool, scale: torch.Tensor) -> torch.Tensor | None:
+    """The norm weight (same dtype) whose norm output is the current one times ``scale [hidden]`` per
+    channel: ``w · s`` (``w · n(x)`` norms) or ``(1 + w) · s − 1`` (Gemma's ``(1 + w) · n(x)``).
+    ``None`` when the weight dtype cannot hold it within ``max(NORM_FOLD_RTOL, 4 eps)`` relative
+    per channel (or it is not finite): then the scale must stay where it is."""
+    w, s = weight.detach().double(), scale.detach().double().to(weight.device)
+    mult = ((1 + w) if unit_offset else w) * s
+    new = (mult - 1 if unit_offset else mult).to(weight.dtype)
+    got = (1.0 + new.float()).double() if unit_offset else new.double()    # what the norm multiplies by (fp32)
+    if not (bool(torch.isfinite(new).all()) and bool(torch.isfinite(mult).all())):
+        return None
+    tol = max(NORM_FOLD_RTOL, 4 * torch.finfo(weight.dtype).eps)
+    err = (got - mult).abs() / mult.abs()
+    ok = torch.where(mult == 0, got == 0, err <= tol)
+    return new if bool(ok.all()) else None

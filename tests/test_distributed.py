@@ -60,6 +60,9 @@ def _tensors(model) -> dict[str, torch.Tensor]:
             out[f"{name}#effective"] = m.effective_weight().detach()
             for t, v in m._tensors():
                 out[f"{name}.{t}"] = v.detach()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):          # SVDQuant folds its smoothing vectors into the norms
+            out[name] = p.detach()
     with torch.no_grad():
         out["#logits"] = model(_probe()).logits.float()
     return out

@@ -2,7 +2,8 @@
 
 For each decoder block: hook its target linears, run the block over the calibration inputs to
 collect the statistics every stage asked for (always the Gram, which also gives the per-layer
-error), run each linear's stages in recipe order, swap the compressed modules in, and run the
+error), run each linear's stages in recipe order, swap the compressed modules in, let stages with a
+``finish_block`` hook adjust the block (SVDQuant folds its smoothing into the norms), and run the
 block again so that the next block sees the compressed block's outputs (or, with
 ``stats_source: dense``, keep a dense stream for the statistics, as ARMOR and SVD-LLM do).
 """
@@ -242,10 +243,38 @@ def compress_block(job: Job, i: int, layer: nn.Module, hidden: list, calls: list
             job.bar.set_postfix_str(f"{name} err={err:.4f}")
             job.bar.update(1)
     del col
+    finish_block(job, i, layer, targets)
     if i < job.last and not job.dense:
         run_block(layer, hidden, calls, inplace=True)
     release_memory()
     return records
+
+
+def _block_tensor(layer: nn.Module, name: str) -> torch.Tensor:
+    mod, _, leaf = name.rpartition(".")
+    owner = layer.get_submodule(mod) if mod else layer
+    t = owner._parameters.get(leaf)
+    return owner._buffers[leaf] if t is None else t
+
+
+def finish_block(job: Job, i: int, layer: nn.Module, targets: dict) -> None:
+    """Hook: a stage with ``finish_block(layer, names)`` sees block ``i`` once its linears are replaced
+    (``names``: the block's linears whose module in place it produced, i.e. it is their last stage)
+    and may change other tensors of the block, e.g. SVDQuant folds its smoothing vectors into the
+    preceding norms. It runs before the block goes forward for the next block's inputs (and before
+    the streaming runner writes the block's shard). It returns the names of the tensors it changed;
+    distributed, rank 0's values of those go to every rank (as :func:`dist.broadcast_module` does for
+    the linears), so all ranks run and store the same block."""
+    prefix, stages_by_name = job.prefix, job.stages_by_name
+    stages = {id(s): s for n in targets for s in stages_by_name[f"{prefix}.{i}.{n}"]}.values()
+    for stage in stages:
+        if not hasattr(stage.compressor, "finish_block"):
+            continue
+        names = [n for n in targets if stages_by_name[f"{prefix}.{i}.{n}"][-1] is stage]
+        if not names:
+            continue
+        for t in stage.compressor.finish_block(layer, names):
+            dist.broadcast_(_block_tensor(layer, t).data)
 
 
 @torch.no_grad()

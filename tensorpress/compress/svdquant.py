@@ -23,15 +23,30 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
   collector, ``stats.extra["input_group"]``) get ONE λ: ``w`` is the abs-max over their concatenated
   weights and the objective is the sum of their output errors (the error of the concatenated layer).
   This goes through the pipeline's ``prepare_block`` hook (:func:`.apply.compress_model`). Each linear
-  keeps its own rank-r branch (the paper's variant shares one ``A`` across q/k/v; not done here). λ is
-  stored as a vector the kernels apply, not folded into the preceding RMSNorm (not implemented).
+  keeps its own rank-r branch (the paper's variant shares one ``A`` across q/k/v; not done here).
+* **Folding into the preceding RMSNorm** (``fold_smoothing``, default true): once a block's linears
+  are replaced (the pipeline's ``finish_block`` hook, before the block runs forward to give the next
+  block its inputs, so the stored model is the one calibrated), every norm whose output only linears
+  of this stage read — q/k/v after ``input_layernorm``; gate/up after ``post_attention_layernorm``
+  (Llama / Qwen2 / Mistral) or ``pre_feedforward_layernorm`` (Gemma 3), from
+  :func:`tensorpress.modeling.norm_readers` — absorbs their common λ: the norm then outputs ``x ⊘ λ``
+  (weight ``w / λ``; Gemma's ``(1 + w)·n(x)``: ``(1 + w) / λ − 1``), and those modules store
+  ``smooth = ones`` and ``lr_down = A`` (``(A ⊘ λ) ⊙ λ`` rounded once to ``factor_dtype``: the only
+  change to the outputs besides fp rounding of the norm, none with ``factor_dtype: float32``). A norm
+  keeps its weight and its readers their vector when any reader is not this stage's SVDQuantLinear
+  (``targets`` leaving one out, another last stage), their λ differ (one fell back to no smoothing),
+  λ is all ones, the layer/norm type is not one whose forward is known, or the norm's dtype cannot
+  hold the folded weight precisely (:func:`~tensorpress.modeling.scaled_norm_weight`; Gemma with a
+  16-bit norm and a wide λ). ``o_proj`` / ``down_proj`` have no norm before them and always keep
+  their vector. ``fold_smoothing: false`` stores every λ in the modules (the kernels apply it).
 * **Branch refit** (§6.5): ``L = SVD_r(Ŵ − qw)``, ``qw = RTN(Ŵ − L)`` for up to ``iterations``
   rounds, keeping the branch with the lowest output error and stopping at the first increase
   (``early_stop``). Then the stored factors are rounded to ``factor_dtype`` and the residual of the
   *rounded* branch ``R = Ŵ − B (A⊘λ) diag(λ)`` is quantised with RTN or GPTQ (``residual_quantizer``;
   GPTQ on the Hessian of x̂: ``H`` scaled by ``1/λ`` on both sides).
 * **Stored** (:class:`tensorpress.nn.modules.SVDQuantLinear`): the residual in the GPTQ int32 layout,
-  ``smooth = λ [in]``, ``lr_down = A ⊘ λ`` (unsmoothed: the branch reads the raw x) and ``lr_up = B``.
+  ``smooth = λ [in]``, ``lr_down = A ⊘ λ`` (unsmoothed: the branch reads the raw x) and ``lr_up = B``;
+  folded (above): ``smooth = ones``, ``lr_down = A``, and the norm weight changed in the state dict.
   ``act_bits``: 4 (W4A4, activations fake-quantised on CPU), 8 (W4A8, the int8 kernel), 16 (W4A16).
 
 Rank 0 with ``smooth: false`` is plain W4A4 RTN (``rtn-w4a4``); rank 0 with smoothing is the
@@ -207,6 +222,7 @@ class SVDQuantParams:
     residual_quantizer: str = "rtn"      # rtn | gptq (on the Hessian of x̂)
     damp: float = 0.01                   # GPTQ damping (residual_quantizer: gptq)
     factor_dtype: str = "float16"        # float16 | bfloat16 | float32 | model
+    fold_smoothing: bool = True          # fold λ into the preceding RMSNorm where the architecture allows
 
 
 @register
@@ -231,7 +247,7 @@ class SVDQuant(Compressor):
             if isinstance(g, bool) or not isinstance(g, int) or (g != -1 and g < 1):
                 raise TensorpressError(f"act_group_size must be -1 (per token) or a positive integer, got {g!r}")
             self.act_group_size = g
-        for k in ("smooth", "early_stop"):
+        for k in ("smooth", "early_stop", "fold_smoothing"):
             if not isinstance(getattr(p, k), bool):
                 raise TensorpressError(f"{k} must be true or false, got {getattr(p, k)!r}")
         check_number("alpha_grid", p.alpha_grid, 2, 1000, integer=True)
@@ -277,6 +293,35 @@ class SVDQuant(Compressor):
             lam = self._search([ctxs[n] for n in names])
             for n in names:
                 self._lam[n] = lam
+
+    def finish_block(self, layer: torch.nn.Module, names: list[str]) -> list[str]:
+        """Pipeline hook (called once per block after its linears were replaced, before it runs forward
+        again): fold the shared λ of each group into the norm that feeds it (module docstring).
+        ``names``: the linears (names inside the block) whose module in place this stage produced.
+        Returns the names of the block tensors it changed (the folded norm weights)."""
+        if not (self.params.fold_smoothing and self.params.smooth):
+            return []
+        from ..modeling import norm_readers, scaled_norm_weight
+        ours, changed = set(names), []
+        for g in norm_readers(layer):
+            if not ours.issuperset(g.linears):
+                continue                                   # a reader this stage did not (last) compress
+            mods = [layer.get_submodule(n) for n in g.linears]
+            if not all(type(m) is SVDQuantLinear for m in mods):
+                continue
+            lam = mods[0].smooth
+            if not all(torch.equal(m.smooth, lam) for m in mods[1:]) or bool((lam == 1).all()):
+                continue                                   # different λ (a fallback), or nothing to fold
+            norm = layer.get_submodule(g.norm)
+            w = scaled_norm_weight(norm.weight, g.unit_offset, 1.0 / lam.double())
+            downs = [m.folded_down() for m in mods]
+            if w is None or not all(d is None or bool(torch.isfinite(d).all()) for d in downs):
+                continue                                   # not representable: keep the vectors
+            norm.weight.data.copy_(w)
+            for m, d in zip(mods, downs):
+                m.fold_smoothing(d)
+            changed.append(f"{g.norm}.weight")
+        return changed
 
     def compress(self, ctx: LinearContext):
         p = self.params

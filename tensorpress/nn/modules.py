@@ -373,7 +373,14 @@ class SVDQuantLinear(QuantLinear):
     ``x ⊘ smooth``), 8 the int8 W4A8 kernel (:func:`kernels.w4a8_linear`), 4 fake-quantised 4-bit
     activations (:func:`tensorpress.kernels.actquant.fake_quantize_activations`, per token or per group
     of ``act_group_size`` inputs). ``smooth`` is an fp32 ``[in]`` buffer (ones: no smoothing).
-    ``effective_weight()`` is the W4A16 dense equivalent ``dequant(R)·diag(1/smooth) + lr_up·lr_down``.
+
+    **Folded form** (:meth:`fold_smoothing`): when the preceding norm already outputs ``x ⊘ λ`` (its
+    weight absorbed λ, see :func:`tensorpress.modeling.norm_readers`), the module reads ``x̂`` itself:
+    ``smooth`` is all ones and ``lr_down = A`` (the branch reads the smoothed input). A module whose
+    ``smooth`` is all ones skips the elementwise ``⊘ smooth`` (checked once per change of the buffer).
+    ``effective_weight()`` is the W4A16 dense equivalent ``dequant(R)·diag(1/smooth) + lr_up·lr_down``
+    *for the input the module receives*: in the folded form ``Ŵ``, which the folded norm makes exact
+    (a dense export writes it beside the folded norm weight).
     """
 
     FORMAT = "svdquant"
@@ -388,6 +395,7 @@ class SVDQuantLinear(QuantLinear):
             raise TensorpressError(f"act_bits 8 runs the W4A8 kernel, which needs 4-bit weights (got {bits})")
         self.act_bits, self.act_group_size = act_bits, act_group_size
         self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32))
+        self._identity = None             # (smooth tensor, its _version, all ones?): see _smooth_arg
 
     @classmethod
     def from_quant(cls, q: QuantLinear, smooth: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None,
@@ -417,16 +425,43 @@ class SVDQuantLinear(QuantLinear):
     def smoothing_is_identity(self) -> bool:
         return bool((self.smooth == 1).all())
 
+    def _smooth_arg(self) -> torch.Tensor | None:
+        """``smooth``, or ``None`` when it is all ones (folded or no smoothing): the division is skipped.
+        The answer is cached per buffer object and in-place version (load_state_dict, a fold); under
+        ``torch.compile`` the buffer is always applied (no data-dependent branch in the graph)."""
+        s, c = self.smooth, getattr(self, "_identity", None)
+        if torch.compiler.is_compiling():
+            return s
+        if c is None or c[0] is not s or c[1] != s._version:
+            c = self._identity = (s, s._version, self.smoothing_is_identity())
+        return None if c[2] else s
+
+    def folded_down(self) -> torch.Tensor | None:
+        """``lr_down ⊙ smooth`` (per input column) in the factor dtype: the branch for an input that
+        arrives already smoothed (one rounding of the exact product); ``None`` without a branch."""
+        if self.lr_down is None:
+            return None
+        return (self.lr_down.detach().double() * self.smooth.double()[None, :]).to(self.lr_down.dtype)
+
+    def fold_smoothing(self, down: torch.Tensor | None = None) -> None:
+        """Switch to the folded form: the caller has made the preceding op output ``x ⊘ smooth``.
+        ``lr_down ← down`` (default :meth:`folded_down`) and ``smooth ← ones``."""
+        if self.lr_down is not None:
+            down = self.folded_down() if down is None else down
+            self.lr_down.data = down.to(self.lr_down.dtype).contiguous()
+        self.smooth.fill_(1.0)
+
     def forward(self, x):
+        smooth = self._smooth_arg()
         if self.act_bits == 8:
             return kernels.w4a8_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size,
-                                       self.in_features, self.bias, self.lr_down, self.lr_up, self.smooth,
+                                       self.in_features, self.bias, self.lr_down, self.lr_up, smooth,
                                        self.act_group_size)
         if self.act_bits == 4:
             from ..kernels.actquant import fake_quantize_activations
-            xs = fake_quantize_activations(x, 4, self.act_group_size, self.smooth).to(x.dtype)
+            xs = fake_quantize_activations(x, 4, self.act_group_size, smooth).to(x.dtype)
         else:
-            xs = x * (1.0 / self.smooth).to(x.dtype)
+            xs = x if smooth is None else x * (1.0 / smooth).to(x.dtype)
         y = kernels.quant_linear(xs, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits, self.group_size,
                                  self.in_features, self.bias)
         if self.lr_down is not None:
