@@ -51,3 +51,24 @@ def run_worker(name: str, cmd: list[str], env: dict, work: Path, timeout: float 
     res = json.loads(lines[-1][7:])
     res["process_seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+# Options whose values are machine-local (scratch directories, interpreters, free-text notes): a recorded
+# command line shows a placeholder instead.
+LOCAL_ARGS = {"--work": "DIR", "--out": "DIR", "--peers-python": "PYTHON", "--note": "…"}
+DIR_ARGS = {"--work": "DIR", "--out": "DIR"}          # benchmarks whose notes are recorded in full
+
+
+def public_args(argv: list[str], hide: dict[str, str] = LOCAL_ARGS) -> list[str]:
+    """The command line as recorded in a report: the values of ``hide``'s options (``--opt VALUE`` or
+    ``--opt=VALUE``) replaced by their placeholders, so no local path reaches a committed result."""
+    out = []
+    for i, x in enumerate(argv):
+        key = x.split("=")[0]
+        if i and argv[i - 1] in hide:
+            out.append(hide[argv[i - 1]])
+        elif key in hide and "=" in x:
+            out.append(f"{key}={hide[key]}")
+        else:
+            out.append(x)
+    return out

@@ -43,7 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README_BEGIN, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 SCORED_TOKENS = 40 * 511            # the protocol's 40 windows of 512 tokens, 511 predictions each
 
-from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (family, runner, arg). runner: "lowrank" / "pruning" run that benchmark's row of the same
 # name; "tp" runs a shipped recipe through lowrank.py's worker; "llmc-gptq" (bits, group);
@@ -253,12 +253,6 @@ def update_readme(block: list[str], readme: Path = ROOT / "README.md") -> bool:
     return True
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    """The command line as recorded, scratch and interpreter paths shown as placeholders."""
-    hide = {"--work": "DIR", "--out": "DIR", "--peers-python": "PYTHON", "--note": "…"}
-    return [hide[argv[i - 1]] if i and argv[i - 1] in hide else x for i, x in enumerate(argv)]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -331,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             elif r.get("tool") not in (None, "tensorpress"):
                 peer_versions[f"peer {k}"] = v
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-            "command": "python benchmarks/compare.py " + " ".join(_public_args(argv)),
+            "command": "python benchmarks/compare.py " + " ".join(public_args(argv)),
             "protocol": {"calibration": [128, 512], "eval_windows": [40, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, **dict(sorted(peer_versions.items()))},

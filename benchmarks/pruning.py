@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): "tp" runs a shipped recipe; "llmc" llm-compressor's modifier (method, sparsity, mask)
 ROWS = {
@@ -215,14 +215,6 @@ def checks(by: dict) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    """The command line as recorded: scratch and interpreter paths are machine-local, shown as placeholders."""
-    out, hide = [], {"--work": "DIR", "--out": "DIR", "--peers-python": "PYTHON", "--note": "…"}
-    for i, x in enumerate(argv):
-        out.append(hide[argv[i - 1]] if i and argv[i - 1] in hide else x.split("=")[0] + "=…" if x.split("=")[0] in hide and "=" in x else x)
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -296,7 +288,7 @@ def main() -> int:
     by = {r["row"]: r for r in rows}
     import transformers
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-            "command": "python benchmarks/pruning.py " + " ".join(_public_args(sys.argv[1:])),
+            "command": "python benchmarks/pruning.py " + " ".join(public_args(sys.argv[1:])),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peer": next((r.get("versions") for r in rows if r.get("versions")), None)},

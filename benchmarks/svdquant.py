@@ -107,15 +107,6 @@ def checks(by: dict) -> list[tuple[str, bool | None]]:
     ]
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    """The command line as recorded, machine-local directories shown as placeholders."""
-    out, hide = [], {"--work", "--out"}
-    for i, x in enumerate(argv):
-        key = x.split("=")[0]
-        out.append("DIR" if i and argv[i - 1] in hide else (key + "=DIR" if key in hide and "=" in x else x))
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -131,7 +122,7 @@ def main() -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from _common import machine, write_tokens
+    from _common import DIR_ARGS, machine, public_args, write_tokens
     from tensorpress import __version__, assets
     from tensorpress.evaluate import perplexity
 
@@ -165,7 +156,7 @@ def main() -> int:
     by = {r["row"]: r for r in rows}
     import transformers
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-            "command": "python benchmarks/svdquant.py " + " ".join(_public_args(sys.argv[1:])),
+            "command": "python benchmarks/svdquant.py " + " ".join(public_args(sys.argv[1:], DIR_ARGS)),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__}}
     chk = checks(by)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import DIR_ARGS, fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
 
 RECIPE = "uniql-w4"
 
@@ -155,13 +155,6 @@ def table(rows: list[dict], dense: dict | None) -> list[str]:
     return out
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    out, hide = [], {"--work", "--out"}
-    for i, x in enumerate(argv):
-        out.append("DIR" if i and argv[i - 1] in hide else x)
-    return out
-
-
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
         print("RESULT " + json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
@@ -229,7 +222,7 @@ def main() -> int:
     comp = {k: rows.pop(k) for k in ("compress-uniql-w4", "compress-unsorted") if k in rows}
     ev = list(rows.values())
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-            "command": "python benchmarks/uniql.py " + " ".join(_public_args(sys.argv[1:])),
+            "command": "python benchmarks/uniql.py " + " ".join(public_args(sys.argv[1:], DIR_ARGS)),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
             "notes": a.note}
