@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, os.environ.get("TP_ROOT", os.path.join(os.path.dirname(__file__), "..", "..")))
 from tensorpress.evaluate import perplexity  # noqa: E402
-from tensorpress.modeling import decoder_layers, target_linears  # noqa: E402
+from tensorpress.modeling import decoder_layers, set_submodule, target_linears  # noqa: E402
 
 
 def _cpu_seconds() -> float:
@@ -74,8 +74,7 @@ def hqq(model_dir: str, bits: int, group: int):
     for layer in decoder_layers(model):
         for name, lin in target_linears(layer).items():
             q = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu")
-            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-            setattr(parent, name.rsplit(".", 1)[-1], q)
+            set_submodule(layer, name, q)
             weights += lin.in_features * lin.out_features
             meta = q.meta
             stored += q.W_q.numel() * q.W_q.element_size() * 8 + (meta["scale"].numel() + meta["zero"].numel()) * 16
