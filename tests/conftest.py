@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random decoders of the Llama, Qwen2, Mistral and Gemma families, built
 offline from configs (biases, GQA, tied and untied heads, sliding windows), and a tiny model directory
-with its own tokenizer and calibration text (``tiny_dir``)."""
+with its own tokenizer and calibration text (``tiny_dir``); ``one_thread`` for modules of many small
+matmuls; :func:`peers_python`, the interpreter of the peer libraries' environment."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -14,6 +16,31 @@ import torch
 VOCAB = 320
 TEXT = " ".join(f"The {w} of the river is {n} miles long and it flows to the sea." for n, w in
                 enumerate(["length", "width", "depth", "source", "mouth"] * 40))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def peers_python() -> str:
+    """The peers environment's python (``TENSORPRESS_PEERS_PYTHON`` or ``.venv-peers``); skips the test
+    without it, fails it when ``TENSORPRESS_REQUIRE_PEERS=1`` (CI)."""
+    p = os.environ.get("TENSORPRESS_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
+    if Path(p).is_file() and os.access(p, os.X_OK):
+        return p
+    if os.environ.get("TENSORPRESS_REQUIRE_PEERS") == "1":
+        pytest.fail(f"TENSORPRESS_REQUIRE_PEERS=1 but the peers python {p} is missing "
+                    f"(set TENSORPRESS_PEERS_PYTHON)")
+    pytest.skip(f"peers python {p} not found (set TENSORPRESS_PEERS_PYTHON); peer-library loading not tested")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    many small SVDs and matmuls run far faster on one thread on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_configure(config):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VOCAB, make_tiny
+from conftest import VOCAB, make_tiny, peers_python
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -92,13 +92,13 @@ def test_every_row_has_a_runner():
             assert runner in ("llmc-gptq", "quantlib")
 
 
-def _peers_python() -> str:
-    p = os.environ.get("TENSORPRESS_PEERS_PYTHON") or str(ROOT / ".venv-peers" / "bin" / "python")
-    if Path(p).is_file():
-        return p
-    if os.environ.get("TENSORPRESS_REQUIRE_PEERS") == "1":
-        pytest.fail(f"TENSORPRESS_REQUIRE_PEERS=1 but the peers python {p} is missing")
-    pytest.skip("no peers environment")
+def _quant_libs(d: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/peers/quant_libs.py in the peers environment on the tiny model's tokens."""
+    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([peers_python(), str(ROOT / "benchmarks" / "peers" / "quant_libs.py"),
+                           str(d / "tokens.safetensors"), str(d / "model"), str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +125,7 @@ def test_peer_quantiser_on_a_tiny_model(tiny, lib, bits):
     per 32-bit word (3.2 bits, plus padding of the packed rows) + 2·16/64."""
     d, dense_ppl = tiny
     out = d / f"{lib}{bits}.json"
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([_peers_python(), str(ROOT / "benchmarks" / "peers" / "quant_libs.py"),
-                        str(d / "tokens.safetensors"), str(d / "model"), str(out), "--lib", lib, "--bits", str(bits),
-                        "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+    r = _quant_libs(d, out, "--lib", lib, "--bits", str(bits), "--threads", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     if bits == 4:
@@ -143,9 +139,5 @@ def test_peer_quantiser_on_a_tiny_model(tiny, lib, bits):
 
 def test_bnb_refuses_settings_it_does_not_have(tiny):
     d, _ = tiny
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    r = subprocess.run([_peers_python(), str(ROOT / "benchmarks" / "peers" / "quant_libs.py"),
-                        str(d / "tokens.safetensors"), str(d / "model"), str(d / "x.json"), "--lib", "bnb", "--bits", "3"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = _quant_libs(d, d / "x.json", "--lib", "bnb", "--bits", "3")
     assert r.returncode != 0 and "4 bits and a block of 64 only" in r.stderr and not (d / "x.json").exists()

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tensorpress as tp
-from conftest import make_tiny
+from conftest import make_tiny, peers_python
 from tensorpress.errors import TensorpressError
 from tensorpress.export import export
 from tensorpress.export.compressed_tensors import ct_tensors, dequantize_ct, read_ct_tensors
@@ -291,15 +291,6 @@ def test_export_modules_stay_light():
 # ------------------------------------------------------------------------------------------------
 # peer tests: real consumers in their own environment
 # ------------------------------------------------------------------------------------------------
-def _peers_python() -> str | None:
-    p = os.environ.get("TENSORPRESS_PEERS_PYTHON") or str(REPO / ".venv-peers" / "bin" / "python")
-    if Path(p).is_file() and os.access(p, os.X_OK):
-        return p
-    if os.environ.get("TENSORPRESS_REQUIRE_PEERS") == "1":
-        pytest.fail(f"TENSORPRESS_REQUIRE_PEERS=1 but the peers python {p} is missing "
-                    f"(set TENSORPRESS_PEERS_PYTHON)")
-    pytest.skip(f"peers python {p} not found (set TENSORPRESS_PEERS_PYTHON); peer-library loading not tested")
-    return None
 
 
 def _tokenizer(vocab: int):
@@ -402,7 +393,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def peer_runs(tmp_path_factory):
-    py = _peers_python()
+    py = peers_python()
     root = tmp_path_factory.mktemp("export_peers")
     tok = _tokenizer(320)
     g = torch.Generator().manual_seed(7)

@@ -24,13 +24,7 @@ from tensorpress.recipe import Recipe
 SPEC = QuantSpec(4, 64, True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small SVDs and matmuls: with a shared, loaded machine, one thread is far faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(seed=0, out_f=256, in_f=512, n=1024):

@@ -24,12 +24,7 @@ MLP_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layern
             "mistral": "post_attention_layernorm", "gemma": "pre_feedforward_layernorm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stage(act_bits=16, **kw):
