@@ -12,8 +12,8 @@ from tensorpress.calib.collectors import InputCollector, LinearStats
 from tensorpress.compress.apply import compress_model
 from tensorpress.compress.base import LinearContext
 from tensorpress.compress.quantizer import QuantSpec, quantize_groups
-from tensorpress.compress.svdquant import (SVDQuant, decompose, output_sq_error, refit_branch, rtn_dequant,
-                                           search_smoothing, smoothing_candidates)
+from tensorpress.compress.svdquant import (SVDQuant, decompose, effective_rows, output_sq_error, refit_branch,
+                                           rtn_dequant, search_smoothing, smoothing_candidates)
 from tensorpress.errors import TensorpressError
 from tensorpress.kernels import reference
 from tensorpress.kernels.actquant import fake_quantize_activations
@@ -369,3 +369,48 @@ def test_randomized_branch_is_close_to_exact_reproducible_and_leaves_global_rng(
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ValueError):
         decompose(W, lam, 4, svd="bogus")
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (64, 64)])
+def test_gram_svd_is_the_exact_truncated_svd(shape):
+    """The refit's Gram-eigh SVD gives the same rank-r product as the exact SVD, on tall, wide and
+    square matrices with a decaying spectrum, singular values in the up-projection and orthonormal
+    rows of A; a rank-deficient matrix (kept σ ≈ 0) falls back to the exact SVD instead of
+    dividing by ~0."""
+    from tensorpress.compress.lowrank import gram_svd, truncated_svd
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=torch.float64)).Q
+    S = torch.logspace(0, -3, min(shape), dtype=torch.float64)
+    M = (U * S) @ V.T
+    for rank in (1, 8, min(shape)):
+        A, B = gram_svd(M, rank, sigma_side="up", dtype=torch.float64)
+        A0, B0 = truncated_svd(M, rank, sigma_side="up", dtype=torch.float64)
+        assert torch.allclose(B @ A, B0 @ A0, atol=1e-12, rtol=0), (shape, rank)
+        assert torch.allclose(A @ A.T, torch.eye(rank, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(B.norm(dim=0), S[:rank], rtol=1e-10)
+    deficient = M.clone()
+    deficient[:, ::2] = 0                                   # rank below min(shape): tiny σ at full rank
+    A, B = gram_svd(deficient, min(shape), sigma_side="up", dtype=torch.float64)
+    assert bool(torch.isfinite(A).all()) and torch.allclose(B @ A, deficient, atol=1e-12)
+
+
+def test_effective_rows_keep_the_weight_only_objective():
+    """Weight-only scoring on the QR rows of the sample equals scoring on the sample itself (for any
+    λ and any weight error), with ``in`` rows instead of N; with quantised activations the sample is
+    kept as it is (Q_a acts per row)."""
+    W, X = _toy(4, out_f=64, in_f=128, n=600)
+    R = effective_rows(X, 16)
+    assert R.shape == (128, 128)
+    few = X[:100]                                           # N ≤ in: nothing to gain, the sample itself
+    assert effective_rows(X, 4) is X and effective_rows(X, 8) is X and effective_rows(few, 16) is few
+    for lam in (torch.ones(128, dtype=torch.float64), X.abs().amax(0).pow(0.7)):
+        A, B, Res = decompose(W, lam, 8)
+        Rq = rtn_dequant(Res, SPEC)
+        e_full = output_sq_error(X, W, lam, A, B, Rq, 16, -1)
+        e_qr = output_sq_error(R, W, lam, A, B, Rq, 16, -1)
+        assert e_qr == pytest.approx(e_full, rel=1e-10)
+    lam_full, sc_full = search_smoothing([W], X, X.abs().amax(0), 8, SPEC, 16, -1, grid=6)
+    lam_qr, sc_qr = search_smoothing([W], R, X.abs().amax(0), 8, SPEC, 16, -1, grid=6)
+    assert torch.equal(lam_full, lam_qr)
+    assert [e for *_, e in sc_qr] == pytest.approx([e for *_, e in sc_full], rel=1e-9)

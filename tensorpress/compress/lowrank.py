@@ -41,6 +41,27 @@ def truncated_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=to
     return down.to(dtype), up.to(dtype)
 
 
+def gram_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=torch.float32):
+    """:func:`truncated_svd`'s factors from the eigendecomposition of the smaller Gram (``EᵀE`` or
+    ``EEᵀ``, fp64): the same best rank-``rank`` approximation to ~1e-13 relative, 1.5-4× cheaper at
+    LLM shapes (no full SVD of ``E``): for loops that refit a branch many times (SVDQuant's §6.5).
+    The Gram squares the condition number, so a kept singular value below ``1e-4·σ₁`` (then only
+    ~1e-8 accurate: rank-deficient input) falls back to the exact SVD."""
+    M = E.double()
+    if rank == 0:
+        return M.new_zeros(0, M.shape[1]).to(dtype), M.new_zeros(M.shape[0], 0).to(dtype)
+    tall = M.shape[0] >= M.shape[1]
+    _, Q = torch.linalg.eigh(M.T @ M if tall else M @ M.T)
+    Q = Q.flip(1)[:, :rank]                                   # eigh sorts ascending
+    P = M @ Q if tall else Q.T @ M                            # U Σ [out, r]  |  Σ Vᵀ [r, in]
+    S = P.norm(dim=0 if tall else 1)                          # σ from the product: accurate where λ is not
+    if not bool(S.min() > S.max() * 1e-4):
+        return truncated_svd(E, rank, sigma_side, dtype)
+    U, Vh = (P / S[None, :], Q.T) if tall else (Q, P / S[:, None])
+    down, up = split_factors(U, S, Vh, sigma_side)
+    return down.to(dtype), up.to(dtype)
+
+
 def randomized_svd(E: torch.Tensor, rank: int, sigma_side: str = "both", dtype=torch.float32,
                    oversample: int = 8, power_iters: int = 4, seed: int = 0):
     """Rank-``rank`` factors of ``E`` by a randomized range finder (Halko et al. 2011): ``E·Ω`` for a

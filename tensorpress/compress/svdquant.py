@@ -17,7 +17,9 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
   with a one-shot rank-r branch ``L = SVD_r(Ŵ)`` in the loop, the activations fake-quantised at
   ``act_bits`` / ``act_group_size`` exactly as the module computes, on a bounded random subsample of
   the calibration rows (the ``input_sample`` statistic, at most 4096 tokens per linear; products and
-  errors in fp32 in the compressor, SVDs in fp64; the functions take ``dt`` for fp64 references). The argmin is
+  errors in fp32 in the compressor, SVDs in fp64; the functions take ``dt`` for fp64 references).
+  Weight-only, the error is linear in the rows, so it is scored on the ``in`` rows of the sample's QR
+  factor instead (:func:`effective_rows`: the same objective, up to 7× fewer flops). The argmin is
   kept; (0,0) (no smoothing) is always a candidate, so smoothing never makes the objective worse.
 * **Shared smoothing vector**: linears that read the same tensor (q/k/v, gate/up; detected by the
   collector, ``stats.extra["input_group"]``) get ONE λ: ``w`` is the abs-max over their concatenated
@@ -39,8 +41,8 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
   hold the folded weight precisely (:func:`~tensorpress.modeling.scaled_norm_weight`; Gemma with a
   16-bit norm and a wide λ). ``o_proj`` / ``down_proj`` have no norm before them and always keep
   their vector. ``fold_smoothing: false`` stores every λ in the modules (the kernels apply it).
-* **Branch refit** (§6.5): ``L = SVD_r(Ŵ − qw)``, ``qw = RTN(Ŵ − L)`` for up to ``iterations``
-  rounds, keeping the branch with the lowest output error and stopping at the first increase
+* **Branch refit** (§6.5): ``L = SVD_r(Ŵ − qw)`` (exact, from the eigendecomposition of the smaller
+  Gram: :func:`.lowrank.gram_svd`), ``qw = RTN(Ŵ − L)`` for up to ``iterations`` rounds, keeping the branch with the lowest output error and stopping at the first increase
   (``early_stop``). Then the stored factors are rounded to ``factor_dtype`` and the residual of the
   *rounded* branch ``R = Ŵ − B (A⊘λ) diag(λ)`` is quantised with RTN or GPTQ (``residual_quantizer``;
   GPTQ on the Hessian of x̂: ``H`` scaled by ``1/λ`` on both sides).
@@ -65,7 +67,7 @@ from ..nn.modules import SVDQuantLinear
 from .base import Compressor, LinearContext, check_number, register
 from .eora import FACTOR_DTYPES
 from .gptq import gptq_quantize
-from .lowrank import randomized_svd, truncated_svd
+from .lowrank import gram_svd, randomized_svd, truncated_svd
 from .quantizer import QuantSpec, dequantize, quantize_groups
 
 ACT_BITS = (4, 8, 16)
@@ -136,6 +138,19 @@ def _act(X: torch.Tensor, lam: torch.Tensor, act_bits: int, act_group_size: int,
     return xhat, fake_quantize_activations(X.float(), act_bits, act_group_size, lam.float()).to(dt)
 
 
+def effective_rows(X: torch.Tensor, act_bits: int) -> torch.Tensor:
+    """Rows that give the same squared output errors as the sample ``X`` [N, in], fewer where possible.
+
+    Weight-only (``act_bits`` 16) the error is linear in the rows: ``‖X diag(1/λ) Dᵀ‖_F`` for a weight
+    error ``D``. With the thin QR ``X = Q R`` (``Q`` orthonormal columns) it equals
+    ``‖R diag(1/λ) Dᵀ‖_F`` for every λ and D, so the search and the refit score on the ``in`` rows of
+    ``R`` instead of N (4096 → 576 or 1536 here: 2.7-7× fewer flops), the objective unchanged up to
+    rounding. With quantised activations ``Q_a`` acts row by row: the sample itself is returned."""
+    if act_bits < 16 or X.shape[0] <= X.shape[1]:
+        return X
+    return torch.linalg.qr(X.double(), mode="r").R.to(X.dtype)
+
+
 def _sq_err(yref, xhat, xq, A, B, Rq) -> float:
     # The search's hot loop (39 candidates × linears × 4096 rows): two fused multiply-adds into one
     # new buffer and an in-place square, summed in ``dt`` (torch's CPU sum is cascaded: fp32 is
@@ -165,6 +180,7 @@ def search_smoothing(Ws: list[torch.Tensor], X: torch.Tensor, a: torch.Tensor, r
     """
     wq = wq or (lambda M: rtn_dequant(M, spec))
     wspan = torch.stack([W.double().abs().amax(0) for W in Ws]).amax(0)
+    X = effective_rows(X, act_bits)
     yrefs = [X.to(dt) @ W.to(dt).T for W in Ws]
     scored, best = [], None
     for al, be, lam in smoothing_candidates(a, wspan, grid):
@@ -185,13 +201,14 @@ def refit_branch(W: torch.Tensor, X: torch.Tensor, lam: torch.Tensor, rank: int,
     error of every iteration run and the running best (non-increasing by construction)."""
     wq = wq or (lambda M: rtn_dequant(M, spec))
     What = W.double() * lam.double()[None, :]
+    X = effective_rows(X, act_bits)
     xhat, xq = _act(X, lam, act_bits, act_group_size, dt)
     yref = X.to(dt) @ W.to(dt).T
     qw = torch.zeros_like(What)
     best, errors, kept = None, [], []
     for it in range(iterations if rank else 1):
         if rank:
-            A, B = truncated_svd(What - qw, rank, sigma_side="up", dtype=torch.float64)
+            A, B = gram_svd(What - qw, rank, sigma_side="up", dtype=torch.float64)
         else:
             A, B = What.new_zeros(0, What.shape[1]), What.new_zeros(What.shape[0], 0)
         qw = wq(What - B @ A)
@@ -260,6 +277,7 @@ class SVDQuant(Compressor):
             raise TensorpressError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {p.factor_dtype!r}")
         self.spec = QuantSpec(p.bits, p.group_size, True, False).validate()
         self._lam: dict[str, torch.Tensor] = {}
+        self._x: dict[str, torch.Tensor] = {}     # scoring rows per linear (effective_rows), from prepare_block
 
     def check_layer(self, ctx: LinearContext):
         m = ctx.original
@@ -272,12 +290,16 @@ class SVDQuant(Compressor):
                                    f"with {m.in_features} input features")
 
     # --- smoothing, shared by the linears that read one input ----------------------------------------
-    def _search(self, ctxs: list[LinearContext]) -> torch.Tensor:
+    def _rows(self, ctx: LinearContext) -> torch.Tensor:
+        X = self._x.pop(ctx.name, None)
+        return X if X is not None else effective_rows(ctx.stats.input_sample(), self.params.act_bits)
+
+    def _search(self, ctxs: list[LinearContext], X: torch.Tensor) -> torch.Tensor:
         p = self.params
         st = ctxs[0].stats
         if not p.smooth:
             return torch.ones(ctxs[0].original.in_features, dtype=torch.float64)
-        lam, _ = search_smoothing([c.weight.double() for c in ctxs], st.input_sample(), st.abs_max, p.rank,
+        lam, _ = search_smoothing([c.weight.double() for c in ctxs], X, st.abs_max, p.rank,
                                   self.spec, p.act_bits, self.act_group_size, p.alpha_grid, dt=torch.float32,
                                   svd="randomized")
         return lam
@@ -290,9 +312,11 @@ class SVDQuant(Compressor):
             key = c.stats.extra.get("input_group", name)
             groups.setdefault(key, []).append(name)
         for names in groups.values():
-            lam = self._search([ctxs[n] for n in names])
+            # one sample (the same keys for every reader of a tensor) reduced once for the group
+            X = effective_rows(ctxs[names[0]].stats.input_sample(), self.params.act_bits)
+            lam = self._search([ctxs[n] for n in names], X)
             for n in names:
-                self._lam[n] = lam
+                self._lam[n], self._x[n] = lam, X
 
     def finish_block(self, layer: torch.nn.Module, names: list[str]) -> list[str]:
         """Pipeline hook (called once per block after its linears were replaced, before it runs forward
@@ -326,11 +350,11 @@ class SVDQuant(Compressor):
     def compress(self, ctx: LinearContext):
         p = self.params
         W = ctx.weight.double()
+        X = self._rows(ctx)
         lam = self._lam.pop(ctx.name, None)
         if lam is None:
-            lam = self._search([ctx])
+            lam = self._search([ctx], X)
         lam = lam.float().double()                                   # stored in fp32: compute with it
-        X = ctx.stats.input_sample()
         try:
             A, B, _, _ = refit_branch(W, X, lam, p.rank, self.spec, p.act_bits, self.act_group_size,
                                       p.iterations, p.early_stop, dt=torch.float32)
