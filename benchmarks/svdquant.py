@@ -3,7 +3,7 @@ paper's ablations (no branch, no smoothing) and the weight-only 4-bit baselines 
 
 One command (after `make env assets`)::
 
-    .venv/bin/python benchmarks/svdquant.py [--threads 2] [--rows ROW ...] [--reuse]
+    .venv/bin/python benchmarks/svdquant.py [--threads 2] [--rows ROW ...] [--reuse] [--baselines-from-results]
 
 Rows (each in its own process, the same 128×512 calibration tokens and 40×512 evaluation windows,
 written once to a file, and the same thread count), all shipped recipes:
@@ -13,7 +13,13 @@ written once to a file, and the same thread count), all shipped recipes:
 * ``rtn-w4a4`` — plain W4A4 (no smoothing, no branch); ``smooth-w4a4`` — smoothing only (no branch);
   ``svdquant-w4a4-r32-nosmooth`` — branch without smoothing (the paper's ablation);
 * ``rtn-w4g64``, ``gptq-w4g64``, ``gptq-w4g64+eora-r32`` — weight-only baselines at 4 bits, group 64,
-  rank 32.
+  rank 32;
+* the 3-bit setting beside it (the default model's weights came from a 4-bit GGUF file, which can
+  flatter 4-bit results): ``svdquant-w3a16-r32`` against ``rtn-w3g64``, ``gptq-w3g64``,
+  ``gptq-w3g64+eora-r32``.
+
+``--baselines-from-results`` copies the six weight-only baselines from the low-rank and comparison
+benchmarks' stored rows (the same protocol, tokens and worker code path) instead of re-running them.
 
 Each row reports protocol perplexity, bits per weight of the decoder linears (scales, zeros, smoothing
 vectors and fp16 factors counted), model bytes, compression wall and CPU time (loading and evaluation
@@ -40,7 +46,12 @@ ROWS = [
     "svdquant-w4a16-r32", "svdquant-w4a8-r32", "svdquant-w4a4-r32",
     "rtn-w4a4", "smooth-w4a4", "svdquant-w4a4-r32-nosmooth",
     "rtn-w4g64", "gptq-w4g64", "gptq-w4g64+eora-r32",
+    "svdquant-w3a16-r32", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64+eora-r32",
 ]
+# Weight-only baselines the other benchmarks already run on the same protocol with the same worker
+# code path (--baselines-from-results copies them instead of re-running).
+BASELINES = ("rtn-w4g64", "gptq-w4g64", "gptq-w4g64+eora-r32", "rtn-w3g64", "gptq-w3g64", "gptq-w3g64+eora-r32")
+BASELINE_DIRS = ("lowrank_rows", "compare_rows")
 
 WORKER = r'''
 import json, os, resource, sys, time
@@ -104,6 +115,8 @@ def checks(by: dict) -> list[tuple[str, bool | None]]:
         ("SVDQuant W4A8 r32 better than SVDQuant W4A4 r32", lt("svdquant-w4a8-r32", "svdquant-w4a4-r32")),
         ("SVDQuant W4A16 r32 better than RTN w4g64", lt("svdquant-w4a16-r32", "rtn-w4g64")),
         ("SVDQuant W4A16 r32 vs GPTQ w4g64 + EoRA r32 (same bits and rank)", lt("svdquant-w4a16-r32", "gptq-w4g64+eora-r32")),
+        ("SVDQuant W3A16 r32 better than RTN w3g64", lt("svdquant-w3a16-r32", "rtn-w3g64")),
+        ("SVDQuant W3A16 r32 vs GPTQ w3g64 + EoRA r32 (same bits and rank)", lt("svdquant-w3a16-r32", "gptq-w3g64+eora-r32")),
     ]
 
 
@@ -113,6 +126,10 @@ def main() -> int:
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
     ap.add_argument("--reuse", action="store_true", help="keep rows already in <out>/svdquant_rows/")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table from the stored rows")
+    ap.add_argument("--baselines-from-results", action="store_true",
+                    help=f"copy {', '.join(BASELINES)} from benchmarks/results/{{{','.join(BASELINE_DIRS)}}}/ "
+                         "(same protocol and worker code path) instead of running them")
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report (e.g. run conditions)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=40)
@@ -145,6 +162,18 @@ def main() -> int:
             f = rows_dir / f"{name}.json"
             if a.reuse and f.exists():
                 continue
+            src = next((RESULTS / d / f"{name}.json" for d in BASELINE_DIRS
+                        if (RESULTS / d / f"{name}.json").exists()), None)
+            if a.baselines_from_results and name in BASELINES and src is not None:
+                if (a.samples, a.seq_len, a.eval_windows) != (128, 512, 40):
+                    print(f"error: --baselines-from-results needs the default protocol (the copied rows ran on it)",
+                          file=sys.stderr)
+                    return 2
+                res = json.loads(src.read_text())
+                res["copied_from"] = f"benchmarks/results/{src.parent.name}/{src.name}"
+                f.write_text(json.dumps(res, indent=1))
+                print(f"copied {name} from {res['copied_from']}", file=sys.stderr, flush=True)
+                continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             res = run_row(name, data, model_dir, a.threads, work)
             res["date"] = time.strftime("%Y-%m-%d %H:%M")
@@ -158,7 +187,8 @@ def main() -> int:
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
             "command": "python benchmarks/svdquant.py " + " ".join(public_args(sys.argv[1:], DIR_ARGS)),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
-            "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+            "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "notes": a.note}
     chk = checks(by)
     (results / "svdquant.json").write_text(json.dumps({"meta": meta, "rows": rows,
                                                       "checks": [{"check": c, "ok": ok} for c, ok in chk]}, indent=2))
@@ -166,12 +196,15 @@ def main() -> int:
     lines += table(rows)
     lines += ["", "| check | result |", "|---|---|"]
     lines += [f"| {c} | {'yes' if ok else ('no' if ok is False else 'not run')} |" for c, ok in chk]
-    lines += ["", f"command: `{meta['command']}` (rows stored per row; each row's date is in its JSON)",
+    copied = [r["row"] for r in rows if r.get("copied_from")]
+    lines += ["", f"command: `{meta['command']}` (rows stored per row; each row's date is in its JSON)"
+              + (f"; {', '.join(copied)} copied from the low-rank / comparison benchmarks' rows (same protocol, "
+                 "same worker code path; see each row's copied_from)" if copied else ""),
               f"protocol: calibration {a.samples}×{a.seq_len}, evaluation {a.eval_windows}×512",
               f"versions: {json.dumps(meta['versions'])}",
               "bits/weight: stored bits of the decoder linears per weight (fp16 branch factors, fp32 smoothing vectors).",
               "W4A4 activations are fake-quantised (per token, groups of 64) on CPU; W4A8 runs the int8 reference path.",
-              "compress s / CPU s: compression only (loading and evaluation excluded)."]
+              "compress s / CPU s: compression only (loading and evaluation excluded)."] + a.note
     (results / "svdquant.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -254,11 +254,12 @@ def test_input_sample_bounded_shared_and_reproducible():
 
 # --- pipeline, checkpoint, export --------------------------------------------------------------------
 
-@pytest.mark.parametrize("act_bits", [4, 8, 16])
-def test_end_to_end_every_family(tmp_path, tokens, family, act_bits):
+@pytest.mark.parametrize("bits,act_bits", [(4, 4), (4, 8), (4, 16), (3, 16)])
+def test_end_to_end_every_family(tmp_path, tokens, family, bits, act_bits):
     model = make_tiny(family)
     ref = model(tokens).logits
     recipe = Recipe.from_dict({"name": "sq", "stages": [{"method": "svdquant", "rank": 8, "act_bits": act_bits,
+                                                         "bits": bits,
                                                          "group_size": 32, "alpha_grid": 3, "iterations": 4,
                                                          **({"act_group_size": 32} if act_bits == 4 else {})}]})
     recs = compress_model(model, recipe, tokens, progress=False)
@@ -277,7 +278,7 @@ def test_end_to_end_every_family(tmp_path, tokens, family, act_bits):
     loaded = tp.load(path)
     assert torch.equal(loaded(tokens).logits, out)
     q = loaded.model.layers[0].self_attn.q_proj
-    assert isinstance(q, SVDQuantLinear) and torch.equal(q.smooth, att.q_proj.smooth)
+    assert isinstance(q, SVDQuantLinear) and torch.equal(q.smooth, att.q_proj.smooth) and q.bits == bits
 
 
 @pytest.mark.parametrize("params,match", [
@@ -340,7 +341,7 @@ def test_export_weight_only_unsmoothed_as_gptq_plus_lora(tmp_path, tokens):
 
 
 def test_shipped_recipes():
-    for name in ("svdquant-w4a4-r32", "svdquant-w4a8-r32", "svdquant-w4a16-r32", "rtn-w4a4",
+    for name in ("svdquant-w4a4-r32", "svdquant-w4a8-r32", "svdquant-w4a16-r32", "svdquant-w3a16-r32", "rtn-w4a4",
                  "svdquant-w4a4-r32-nosmooth", "smooth-w4a4"):
         r = Recipe.load(name)
         (st,) = r.stages
@@ -350,6 +351,7 @@ def test_shipped_recipes():
     assert p("smooth-w4a4").rank == 0 and p("smooth-w4a4").smooth is True
     assert p("svdquant-w4a4-r32-nosmooth").rank == 32 and p("svdquant-w4a4-r32-nosmooth").smooth is False
     assert [p(f"svdquant-w4a{b}-r32").act_bits for b in (4, 8, 16)] == [4, 8, 16]
+    assert p("svdquant-w3a16-r32").bits == 3 and p("svdquant-w3a16-r32").act_bits == 16
 
 
 def test_randomized_branch_is_close_to_exact_reproducible_and_leaves_global_rng():
