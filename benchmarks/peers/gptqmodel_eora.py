@@ -1,5 +1,5 @@
 """GPTQModel's GPTQ (+ EoRA) on the protocol, run in the peers environment (no tensorpress import
-except the shared perplexity function, which is plain PyTorch).
+except the shared protocol perplexity, ``tensorpress.evaluate.perplexity``, which is plain PyTorch).
 
     python gptqmodel_eora.py TOKENS MODEL_DIR OUT_JSON --bits 4 --group-size 64 --rank 32 --threads 2
 
@@ -24,19 +24,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+# The one protocol perplexity (plain PyTorch): tensorpress's source tree, not an installed package
+# (the peers environment does not install tensorpress). TP_ROOT is set by the benchmark workers.
+sys.path.insert(0, os.environ.get("TP_ROOT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")))
+from tensorpress.evaluate import perplexity as _perplexity  # noqa: E402
 
-def perplexity(model, windows, batch_size=4):
-    import math
-    import torch.nn.functional as F
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            ids = windows[i:i + batch_size]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                         reduction="sum").double())
-            count += ids[:, 1:].numel()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "scored_tokens": count}
+
+def perplexity(model, windows):
+    return _perplexity(model, windows, progress=False)
+
 
 
 def _cpu_seconds():
