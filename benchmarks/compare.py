@@ -10,14 +10,14 @@ Every row runs in its own process on the same 128×512 calibration tokens and 40
 (written once to a file) with the same thread count, scored by the same perplexity function:
 
 * quantisation (plotted as perplexity against bits per weight): tensorpress RTN, GPTQ, GPTQ + EoRA r32
-  and SVDQuant W4A16 r32 at 4 bits and the 3-bit rows (the default model's weights came from a 4-bit
-  GGUF file, so 4-bit results alone can flatter), llm-compressor GPTQ, GPTQModel GPTQ + EoRA r32,
+  and SVDQuant W4A16 r32 at 4 bits and the 3-bit rows (SVDQuant W3A16 r32 among them) (the default model's weights came from a 4-bit
+  GGUF file, so 4-bit results alone can flatter), llm-compressor GPTQ, GPTQModel GPTQ alone and + EoRA r32,
   bitsandbytes NF4 and HQQ 4/3-bit (peers in ``.venv-peers``, so their pins never constrain ours);
 * low-rank (perplexity against the fraction of parameters kept): plain SVD, SVD-LLM, ASVD, FWSVD at
   p80 / p50 and SVD-LLM p80 with the measured-sensitivity allocation;
 * pruning: Wanda and SparseGPT 50 % and 2:4 beside llm-compressor's, ARMOR 2:4.
 
-Rows are the family benchmarks' own runners (``lowrank.py``, ``pruning.py``; a row here is produced
+Rows are the family benchmarks' own runners (``lowrank.py``, ``pruning.py``, ``svdquant.py``; a row here is produced
 by exactly the code that produces it there) plus ``peers/quant_libs.py`` (bitsandbytes, HQQ) and
 llm-compressor's GPTQ (``gptq_vs_llmcompressor.py``'s worker). Each row is stored in
 ``benchmarks/results/compare_rows/`` with its date, versions and settings; ``--reuse`` keeps stored
@@ -45,21 +45,23 @@ SCORED_TOKENS = 40 * 511            # the protocol's 40 windows of 512 tokens, 5
 
 from _common import fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
 
-# name -> (family, runner, arg). runner: "lowrank" / "pruning" run that benchmark's row of the same
+# name -> (family, runner, arg). runner: "lowrank" / "pruning" / "svdquant" run that benchmark's row of the same
 # name; "tp" runs a shipped recipe through lowrank.py's worker; "llmc-gptq" (bits, group);
 # "quantlib" (library, bits, group) through peers/quant_libs.py.
 ROWS = {
     "rtn-w4g64": ("quant", "tp", "rtn-w4g64"),
     "gptq-w4g64": ("quant", "lowrank", None),
     "gptq-w4g64+eora-r32": ("quant", "lowrank", None),
-    "svdquant-w4a16-r32": ("quant", "tp", "svdquant-w4a16-r32"),
+    "svdquant-w4a16-r32": ("quant", "svdquant", None),
     "llmc-gptq-w4g64": ("quant", "llmc-gptq", (4, 64)),
+    "gptqmodel-w4g64": ("quant", "lowrank", None),
     "gptqmodel-w4g64+eora-r32": ("quant", "lowrank", None),
     "bnb-nf4": ("quant", "quantlib", ("bnb", 4, 64)),
     "hqq-w4g64": ("quant", "quantlib", ("hqq", 4, 64)),
     "rtn-w3g64": ("quant", "tp", "rtn-w3g64"),
     "gptq-w3g64": ("quant", "lowrank", None),
     "gptq-w3g64+eora-r32": ("quant", "lowrank", None),
+    "svdquant-w3a16-r32": ("quant", "svdquant", None),
     "llmc-gptq-w3g64": ("quant", "llmc-gptq", (3, 64)),
     "hqq-w3g64": ("quant", "quantlib", ("hqq", 3, 64)),
     "svd-p80": ("lowrank", "lowrank", None),
@@ -127,6 +129,9 @@ def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: 
     if runner == "pruning":
         import pruning
         return pruning.run_row(name, data, model_dir, threads, peers_python, work, 3 * 3600, None)
+    if runner == "svdquant":
+        import svdquant
+        return svdquant.run_row(name, data, model_dir, threads, work)
     env = worker_env(ROOT, threads)
     if runner == "tp":
         import lowrank
@@ -147,7 +152,7 @@ def run_row(name: str, data: Path, model_dir: Path, threads: int, peers_python: 
 def adopt(name: str) -> dict | None:
     """A row the family benchmark already stored on this protocol, or None."""
     runner = ROWS[name][1]
-    if runner not in ("lowrank", "pruning"):
+    if runner not in ("lowrank", "pruning", "svdquant"):
         return None
     src = RESULTS / f"{runner}_rows" / f"{name}.json"
     if not src.exists():

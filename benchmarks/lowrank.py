@@ -9,7 +9,7 @@ written once to a file, and the same thread count):
 
 * GPTQ w4g64 alone, + EoRA r32 / r64, + a plain-SVD correction r32; the same at 3 bits (w3g64 and
   w3g64 + EoRA r32), because the default model's weights came from a 4-bit GGUF file;
-* GPTQModel 7.6.0 GPTQ w4g64 + its EoRA r32 (in `.venv-peers`, bf16 as its CPU path needs;
+* GPTQModel 7.6.0 GPTQ w4g64 alone and + its EoRA r32 (in `.venv-peers`, bf16 as its CPU path needs;
   evaluated with its weights and adapter upcast to fp32);
 * plain SVD, SVD-LLM (W), ASVD and FWSVD at p80 and p50 (fraction of parameters kept), and SVD-LLM
   p80 with the measured-sensitivity allocation of one global budget.
@@ -43,6 +43,7 @@ ROWS = {
     "gptq-w4g64+eora-r32": ("tp", "gptq-w4g64+eora-r32"),
     "gptq-w4g64+eora-r64": ("tp", "gptq-w4g64+eora-r64"),
     "gptq-w4g64+svd-r32": ("tp", "gptq-w4g64+svd-r32"),
+    "gptqmodel-w4g64": ("gptqmodel", (4, 64, 0)),
     "gptqmodel-w4g64+eora-r32": ("gptqmodel", (4, 64, 32)),
     "gptq-w3g64": ("tp", "gptq-w3g64"),
     "gptq-w3g64+eora-r32": ("tp", "gptq-w3g64+eora-r32"),
@@ -150,6 +151,9 @@ def checks(by: dict) -> list[tuple[str, bool | None]]:
     return [
         ("EoRA r32 beats the plain-SVD correction r32 (ppl)", lt("gptq-w4g64+eora-r32", "gptq-w4g64+svd-r32")),
         ("EoRA r32 improves on GPTQ w4g64 alone (ppl)", lt("gptq-w4g64+eora-r32", "gptq-w4g64")),
+        ("w4g64: ppl no worse than GPTQModel GPTQ",
+         None if "gptqmodel-w4g64" not in by or "gptq-w4g64" not in by else
+         by["gptq-w4g64"]["ppl"] <= by["gptqmodel-w4g64"]["ppl"]),
         ("w4g64+r32: ppl no worse than GPTQModel GPTQ + EoRA r32",
          None if "gptqmodel-w4g64+eora-r32" not in by or "gptq-w4g64+eora-r32" not in by else
          by["gptq-w4g64+eora-r32"]["ppl"] <= by["gptqmodel-w4g64+eora-r32"]["ppl"]),

@@ -80,12 +80,15 @@ def test_peer_format_bits(tmp_path):
 def test_every_row_has_a_runner():
     import lowrank
     import pruning
+    import svdquant
     for name, (family, runner, arg) in compare.ROWS.items():
         assert family in compare.FAMILY_TITLES
         if runner == "lowrank":
             assert name in lowrank.ROWS
         elif runner == "pruning":
             assert name in pruning.ROWS
+        elif runner == "svdquant":
+            assert name in svdquant.ROWS and (ROOT / "configs" / f"{name}.yaml").is_file()
         elif runner == "tp":
             assert (ROOT / "configs" / f"{arg}.yaml").is_file()
         else:
