@@ -72,3 +72,42 @@ def public_args(argv: list[str], hide: dict[str, str] = LOCAL_ARGS) -> list[str]
         else:
             out.append(x)
     return out
+
+
+def write_row(path: Path, res: dict) -> None:
+    """One row's JSON, written to a temporary file and renamed: an interrupted run never leaves a
+    truncated row that ``--reuse`` would keep."""
+    import json
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
+
+
+def run_rows(names, rows_dir: Path, run, *, reuse: bool = False, stored=None, finish=None, keep=None,
+             summary=("ppl", "compress_seconds")) -> None:
+    """The benchmarks' row loop: each row of ``names`` in turn, stored as ``rows_dir/<name>.json``.
+
+    ``run(name) -> dict`` produces a row (its own process; the date is added here). ``reuse`` keeps a
+    row already stored (``keep(name, path) -> bool`` refines that, e.g. a row whose checkpoint must
+    also still exist). ``stored(name) -> dict | None`` returns a row another benchmark already ran
+    on the same protocol, copied instead of re-running (it names its origin in ``copied_from`` or
+    ``adopted_from``). ``finish(name, res) -> dict`` is applied last, before the row is written.
+    Progress (and the ``summary`` keys of each row) goes to stderr."""
+    import json
+    import sys
+    import time
+    for name in names:
+        f = Path(rows_dir) / f"{name}.json"
+        if reuse and f.exists() and (keep is None or keep(name, f)):
+            continue
+        res = stored(name) if stored is not None else None
+        if res is None:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            res = run(name)
+            res["date"] = time.strftime("%Y-%m-%d %H:%M")
+        if finish is not None:
+            res = finish(name, res)
+        write_row(f, res)
+        origin = res.get("copied_from") or res.get("adopted_from")
+        print(f"  {name}: {json.dumps({k: res.get(k) for k in summary})}" + (f"  (from {origin})" if origin else ""),
+              file=sys.stderr, flush=True)

@@ -43,7 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README_BEGIN, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 SCORED_TOKENS = 40 * 511            # the protocol's 40 windows of 512 tokens, 511 predictions each
 
-from _common import fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (family, runner, arg). runner: "lowrank" / "pruning" / "svdquant" run that benchmark's row of the same
 # name; "tp" runs a shipped recipe through lowrank.py's worker; "llmc-gptq" (bits, group);
@@ -303,21 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                                progress=False)
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "bits_per_weight": 32.0,
                                               "date": time.strftime("%Y-%m-%d %H:%M"), **dense}, indent=1))
-        for name in a.rows:
-            f = rows_dir / f"{name}.json"
-            if a.reuse and f.exists():
-                continue
-            res = adopt(name) if a.adopt else None
-            if res is None:
-                print(f"running {name} ...", file=sys.stderr, flush=True)
-                res = run_row(name, data, model_dir, a.threads, a.peers_python, work)
-                res["date"] = time.strftime("%Y-%m-%d %H:%M")
-            res["row"] = name
-            res = with_format_bits(name, res, Path(model_dir))
-            f.write_text(json.dumps(res, indent=1))
-            print(f"  {name}: ppl {res['ppl']:.3f}  {res.get('compress_seconds')} s"
-                  + (f"  (adopted from {res['adopted_from']})" if res.get("adopted_from") else ""),
-                  file=sys.stderr, flush=True)
+        run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, a.peers_python, work),
+                 reuse=a.reuse, stored=adopt if a.adopt else None,
+                 finish=lambda name, res: with_format_bits(name, {**res, "row": name}, Path(model_dir)))
 
     order = ["dense"] + list(ROWS)
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in order if (rows_dir / f"{n}.json").exists()]

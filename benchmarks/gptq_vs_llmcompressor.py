@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -64,17 +63,9 @@ print("RESULT " + json.dumps({"tool": tool, "bits": bits, "group_size": group, "
 
 
 def run_worker(python: str, tool: str, bits: int, group: int, data: Path, model_dir: Path, threads: int) -> dict:
-    env = {**os.environ, "TP_ROOT": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    t0 = time.perf_counter()
-    r = subprocess.run([python, "-c", WORKER, tool, str(bits), str(group), str(data), str(model_dir), str(threads)],
-                       capture_output=True, text=True, env=env)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise SystemExit(f"{tool} w{bits}g{group} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(lines[-1][7:])
-    res["process_seconds"] = round(time.perf_counter() - t0, 1)
-    return res
+    from _common import run_worker as _run, worker_env
+    return _run(f"{tool} w{bits}g{group}", [python, "-c", WORKER, tool, str(bits), str(group), str(data), str(model_dir),
+                                            str(threads)], worker_env(ROOT, threads), Path(data).parent)
 
 
 def main() -> int:
@@ -122,9 +113,9 @@ def main() -> int:
                                 "m.version('compressed-tensors'), m.version('transformers'))"],
                                capture_output=True, text=True).stdout.split()
     import transformers
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {os.cpu_count()} cores "
-            f"({platform.processor() or platform.platform()})", "threads": a.threads,
-            "command": "python benchmarks/gptq_vs_llmcompressor.py " + " ".join(sys.argv[1:]),
+    from _common import machine, public_args
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
+            "command": "python benchmarks/gptq_vs_llmcompressor.py " + " ".join(public_args(sys.argv[1:])),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "llmcompressor": peers_ver[0] if peers_ver else None,

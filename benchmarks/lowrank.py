@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): kind "tp" runs a shipped recipe, "gptqmodel" the peer with (bits, group, rank)
 ROWS = {
@@ -201,22 +201,15 @@ def main() -> int:
             dense = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), windows,
                                progress=False)
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "bits_per_weight": 32.0, **dense}))
-        for name in a.rows:
-            f = rows_dir / f"{name}.json"
-            if a.reuse and f.exists():
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            res = run_row(name, data, model_dir, a.threads, a.peers_python, work)
-            res["date"] = time.strftime("%Y-%m-%d %H:%M")
-            f.write_text(json.dumps(res, indent=1))
-            print(f"  ppl {res['ppl']:.3f}  {res.get('compress_seconds')} s", file=sys.stderr, flush=True)
+        run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, a.peers_python, work),
+                 reuse=a.reuse)
 
     order = ["dense"] + list(ROWS)
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in order if (rows_dir / f"{n}.json").exists()]
     by = {r["row"]: r for r in rows}
     import transformers
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
-            "command": "python benchmarks/lowrank.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/lowrank.py " + " ".join(public_args(sys.argv[1:])),
             "protocol": {"calibration": [a.samples, a.seq_len], "eval_windows": [a.eval_windows, 512]},
             "versions": {"tensorpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peer": next((r.get("versions") for r in rows if r.get("versions")), None)}}

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): "tp" runs a shipped recipe; "llmc" llm-compressor's modifier (method, sparsity, mask)
 ROWS = {
@@ -147,7 +146,10 @@ cls = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}[method]
 mod = cls(sparsity=float(sparsity), mask_structure=mask, targets=["Linear"], ignore=["re:.*lm_head"])
 ds = datasets.Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
 t0, c0 = time.perf_counter(), cpu()
-oneshot(model=model, dataset=ds, recipe=mod, max_seq_length=calib.shape[1], num_calibration_samples=calib.shape[0])
+# shuffle_calibration_samples=False: the samples in the file's order, as ours read them (its default, True,
+# draws a fresh random order each run, and the statistics' summation order then moves its perplexity).
+oneshot(model=model, dataset=ds, recipe=mod, max_seq_length=calib.shape[1], num_calibration_samples=calib.shape[0],
+        shuffle_calibration_samples=False)
 seconds, cpu_s = time.perf_counter() - t0, cpu() - c0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 lm_head_new_zeros = int((model.lm_head.weight == 0).sum()) - head_zeros
@@ -265,23 +267,15 @@ def main() -> int:
                                progress=False)
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "sparsity": 0.0,
                                               "bits_per_weight": 32.0, **dense}))
-        for name in a.rows:
-            f = rows_dir / f"{name}.json"
-            if a.reuse and f.exists():
-                continue
+        def from_lowrank(name):
             src = RESULTS / "lowrank_rows" / f"{name}.json"
-            if a.svd_from_lowrank and name.startswith("svd-") and src.exists() and not a.smoke:
-                res = json.loads(src.read_text())
-                res["copied_from"] = "benchmarks/results/lowrank_rows/" + src.name
-                f.write_text(json.dumps(res, indent=1))
-                print(f"copied {name} from {res['copied_from']}", file=sys.stderr, flush=True)
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            res = run_row(name, data, model_dir, a.threads, a.peers_python, work, a.row_timeout, smoke_iters)
-            res["date"] = time.strftime("%Y-%m-%d %H:%M")
-            f.write_text(json.dumps(res, indent=1))
-            print(f"  ppl {res['ppl']:.3f}  {res.get('compress_seconds')} s  {res.get('compress_cpu_seconds')} CPU s",
-                  file=sys.stderr, flush=True)
+            if not (a.svd_from_lowrank and name.startswith("svd-") and src.exists() and not a.smoke):
+                return None
+            return {**json.loads(src.read_text()), "copied_from": "benchmarks/results/lowrank_rows/" + src.name}
+
+        run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, a.peers_python, work,
+                                                        a.row_timeout, smoke_iters),
+                 reuse=a.reuse, stored=from_lowrank, summary=("ppl", "compress_seconds", "compress_cpu_seconds"))
 
     order = ["dense"] + list(ROWS)
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in order if (rows_dir / f"{n}.json").exists()]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import DIR_ARGS, fmt, machine, public_args, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import DIR_ARGS, fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
 
 RECIPE = "uniql-w4"
 
@@ -140,7 +139,6 @@ def run_row(name: str, spec: dict, work: Path, threads: int, timeout: float) -> 
     # (results are unchanged: only how idle threads wait).
     res = run_worker(name, cmd, worker_env(ROOT, threads, OMP_WAIT_POLICY="PASSIVE"), work, timeout)
     res["row"] = name
-    res["date"] = time.strftime("%Y-%m-%d %H:%M")
     return res
 
 
@@ -208,15 +206,10 @@ def main() -> int:
             specs[f"uniql-w4@{r:g}"] = {"kind": "sorted", "rate": r, "ckpt": str(ck["uniql-w4"])}
             specs[f"unsorted@{r:g}"] = {"kind": "unsorted", "rate": r, "ckpt": str(ck["unsorted"]),
                                         "sizes_from": str(ck["uniql-w4"])}
-        for name in names:
-            f = rows_dir / f"{name}.json"
-            if a.reuse and f.exists() and (specs[name]["kind"] != "compress" or Path(specs[name]["out"]).exists()):
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            res = run_row(name, {**base, **specs[name]}, work, a.threads, a.row_timeout)
-            f.write_text(json.dumps(res, indent=1))
-            print(f"  {json.dumps({k: res.get(k) for k in ('ppl', 'realised_rate', 'compress_seconds', 'process_seconds')})}",
-                  file=sys.stderr, flush=True)
+        # a checkpoint row is kept only while its checkpoint is still in WORK (the rate rows load it)
+        run_rows(names, rows_dir, lambda name: run_row(name, {**base, **specs[name]}, work, a.threads, a.row_timeout),
+                 reuse=a.reuse, keep=lambda name, f: specs[name]["kind"] != "compress" or Path(specs[name]["out"]).exists(),
+                 summary=("ppl", "realised_rate", "compress_seconds", "process_seconds"))
 
     rows = {n: json.loads((rows_dir / f"{n}.json").read_text()) for n in names if (rows_dir / f"{n}.json").exists()}
     comp = {k: rows.pop(k) for k in ("compress-uniql-w4", "compress-unsorted") if k in rows}
