@@ -52,3 +52,15 @@ def test_public_args_hide_local_values():
     argv = ["--work", "/somewhere/local", "--out=/x/y", "--threads", "2", "--note", "free text", "--rows", "a"]
     assert _common.public_args(argv) == ["--work", "DIR", "--out=DIR", "--threads", "2", "--note", "…", "--rows", "a"]
     assert _common.public_args(argv, _common.DIR_ARGS)[-4:] == ["--note", "free text", "--rows", "a"]
+
+
+def test_pruning_no_worse_check_allows_only_float_noise():
+    import pruning
+    by = lambda ours, peer: {"wanda-50": {"row": "wanda-50", "ppl": ours},              # noqa: E731
+                             "llmc-wanda-50": {"row": "llmc-wanda-50", "ppl": peer}}
+    check = lambda b: next(c for c in pruning.checks(b) if c[0].startswith("Wanda 50%"))  # noqa: E731
+    assert check(by(31.0, 31.5))[1] is True and "tie" not in check(by(31.0, 31.5))[2]
+    tie = check(by(123.3730, 123.3725))
+    assert tie[1] is True and "a tie" in tie[2]
+    assert check(by(31.10, 31.0))[1] is False                       # 0.3 % worse: not noise
+    assert check({})[1] is None
