@@ -10,8 +10,10 @@ written once to a file, and the same thread count):
 * Wanda and SparseGPT at 50 % unstructured and 2:4 (shipped recipes ``wanda-50``, ``wanda-2of4``,
   ``sparsegpt-50``, ``sparsegpt-2of4``);
 * llm-compressor's ``WandaPruningModifier`` and ``SparseGPTModifier`` at the same settings (in
-  `.venv-peers`, through ``oneshot`` on the same tokens, fp32, ``lm_head`` excluded, its defaults for
-  everything else: sequential pipeline, SparseGPT block 128 and dampening 0.01);
+  `.venv-peers`, through ``oneshot`` on the same tokens in the same order
+  (``shuffle_calibration_samples=False``: its default reshuffles them every run, and its perplexity
+  moved with the order), fp32, ``lm_head`` excluded, its defaults for everything else: sequential
+  pipeline, SparseGPT block 128 and dampening 0.01);
 * ARMOR 2:4 (``armor-2of4``), Wanda 2:4 + EoRA r64 (``wanda-2of4+eora-r64``);
 * LOST-style one-shot at p50 / p80 (``lost-p50``, ``lost-p80``) next to plain SVD at p50 / p80
   (``svd-p50``, ``svd-p80``; ``--svd-from-lowrank`` copies those two rows from
