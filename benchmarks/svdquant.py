@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -139,7 +138,7 @@ def main() -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from _common import DIR_ARGS, machine, public_args, write_tokens
+    from _common import DIR_ARGS, machine, public_args, run_rows, write_tokens
     from tensorpress import __version__, assets
     from tensorpress.evaluate import perplexity
 
@@ -151,6 +150,10 @@ def main() -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="tp-svdquant-"))
     work.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
+        if a.baselines_from_results and (a.samples, a.seq_len, a.eval_windows) != (128, 512, 40):
+            print("error: --baselines-from-results needs the default protocol (the copied rows ran on it)",
+                  file=sys.stderr)
+            return 2
         tok = AutoTokenizer.from_pretrained(model_dir)
         data, windows = write_tokens(work, tok, a.samples, a.seq_len, a.eval_windows)
         dense_file = rows_dir / "dense.json"
@@ -158,27 +161,16 @@ def main() -> int:
             dense = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), windows,
                                progress=False)
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "bits_per_weight": 32.0, **dense}))
-        for name in a.rows:
-            f = rows_dir / f"{name}.json"
-            if a.reuse and f.exists():
-                continue
+
+        def baseline(name):
             src = next((RESULTS / d / f"{name}.json" for d in BASELINE_DIRS
                         if (RESULTS / d / f"{name}.json").exists()), None)
-            if a.baselines_from_results and name in BASELINES and src is not None:
-                if (a.samples, a.seq_len, a.eval_windows) != (128, 512, 40):
-                    print(f"error: --baselines-from-results needs the default protocol (the copied rows ran on it)",
-                          file=sys.stderr)
-                    return 2
-                res = json.loads(src.read_text())
-                res["copied_from"] = f"benchmarks/results/{src.parent.name}/{src.name}"
-                f.write_text(json.dumps(res, indent=1))
-                print(f"copied {name} from {res['copied_from']}", file=sys.stderr, flush=True)
-                continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            res = run_row(name, data, model_dir, a.threads, work)
-            res["date"] = time.strftime("%Y-%m-%d %H:%M")
-            f.write_text(json.dumps(res, indent=1))
-            print(f"  ppl {res['ppl']:.3f}  {res.get('compress_seconds')} s", file=sys.stderr, flush=True)
+            if not (a.baselines_from_results and name in BASELINES and src is not None):
+                return None
+            return {**json.loads(src.read_text()), "copied_from": f"benchmarks/results/{src.parent.name}/{src.name}"}
+
+        run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, work), reuse=a.reuse,
+                 stored=baseline)
 
     order = ["dense"] + ROWS
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in order if (rows_dir / f"{n}.json").exists()]
