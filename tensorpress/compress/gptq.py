@@ -5,7 +5,11 @@ Differences from the IST-DASLab reference, on purpose:
 * dynamic group parameters are computed from the *updated* columns of the current block (the
   reference reads stale global columns when the group is smaller than the block);
 * a failed Cholesky is retried with 10× more damping (up to 4 times) instead of crashing;
-* optional clipping search for group ranges (``clip_search``), weighted by ``diag(H)``.
+* optional clipping search for group ranges (``clip_search``), weighted by ``diag(H)``;
+* after a pruning stage (Wanda, SparseGPT) the pruned entries stay zero (``keep``): they are stored
+  as the zero-point code (exactly 0) and their error, like every other, is fed back into the later
+  columns, so "Wanda 2:4 → GPTQ w4" is still 2:4 (``preserve_sparsity``, default true). Without it
+  the feedback fills the zeros and the pattern is silently lost.
 """
 from __future__ import annotations
 
@@ -42,15 +46,22 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
                   act_order: bool = False, static_groups: bool = False, block_size: int = 128,
-                  overwrite_h: bool = False):
+                  overwrite_h: bool = False, keep: torch.Tensor | None = None):
     """Quantise ``W [out, in]`` given ``H ∝ XᵀX``.
 
     Returns ``codes [out, in]`` (int32, original column order), ``scales [G, out]``,
     ``zeros [G, out]`` and ``g_idx [in]`` (``None`` when groups are contiguous). ``overwrite_h``
-    lets the function use a float64 ``H`` the caller no longer needs as its workspace.
+    lets the function use a float64 ``H`` the caller no longer needs as its workspace. ``keep``
+    (bool ``[out, in]``, optional): the entries that may be non-zero; the others are stored as the
+    zero-point code (dequantised exactly 0), their error fed back like any other.
     """
     W = W.float().clone()
     out_f, in_f = W.shape
+    if keep is not None:
+        if keep.shape != W.shape:
+            raise ValueError(f"keep mask {tuple(keep.shape)} does not match the weight {tuple(W.shape)}")
+        keep = keep.bool()
+        W.masked_fill_(~keep, 0)
     H = H.double() if overwrite_h else H.double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
@@ -65,6 +76,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
     perm = torch.argsort(hdiag, descending=True) if act_order else torch.arange(in_f)
     if act_order:
         W, H, hdiag = W[:, perm], H[perm][:, perm], hdiag[perm]
+        keep = None if keep is None else keep[:, perm]
     hd = hdiag
     U = _hinv_upper(H, damp).float()
     del H
@@ -85,6 +97,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
         W1 = W[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        K1 = None if keep is None else keep[:, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
@@ -101,6 +114,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float
             g_idx_perm[col] = gid
             w = W1[:, i]
             q = quantize(w[:, None], s, z, maxq)
+            if K1 is not None:
+                # A pruned entry is stored as the zero point (exactly 0). The feedback of earlier
+                # columns has moved it away from 0, so its error (w - 0) is propagated like any
+                # other: pruning and quantisation in one OBS sweep, as SparseGPT's joint mode. Zeroing
+                # the feedback instead would discard it (measured: then GPTQ gains 4 % over RTN, not ~45 %).
+                q = torch.where(K1[:, i:i + 1], q, z.expand_as(q))
             codes[:, col] = q[:, 0].to(torch.int32)
             err = (w - (s * (q - z))[:, 0]) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -124,6 +143,7 @@ class GPTQParams:
     static_groups: bool = False
     block_size: int = 128
     clip_search: bool = False
+    preserve_sparsity: bool = True       # after a pruning stage: its zeros stay zeros (the N:M pattern survives)
 
 
 @register
@@ -138,17 +158,26 @@ class GPTQ(Compressor):
         self.spec = quant_spec(p)
         check_number("damp", p.damp, 0, 1, lo_open=True)
         check_number("block_size", p.block_size, 1, integer=True)
-        for k in ("act_order", "static_groups"):
+        for k in ("act_order", "static_groups", "preserve_sparsity"):
             if not isinstance(getattr(p, k), bool):
                 raise TensorpressError(f"{k} must be true or false")
 
     def check_layer(self, ctx: LinearContext):
         self.spec.validate(ctx.original.in_features)
 
+    def keep_mask(self, ctx: LinearContext, W: torch.Tensor) -> torch.Tensor | None:
+        """The non-zeros of a pruning stage's output (it marks its modules ``pruned``), else None: the
+        zeros of a dense model's own weights (a GGUF-derived model has many) are not a pattern."""
+        if self.params.preserve_sparsity and getattr(ctx.current, "pruned", False):
+            return W != 0
+        return None
+
     def compress(self, ctx: LinearContext):
         p = self.params
-        codes, scales, zeros, g_idx = gptq_quantize(ctx.current_weight(), ctx.stats.gram(), self.spec, p.damp,
+        W = ctx.current_weight()
+        codes, scales, zeros, g_idx = gptq_quantize(W, ctx.stats.gram(), self.spec, p.damp,
                                                     p.act_order, p.static_groups, p.block_size,
-                                                    overwrite_h=True)      # gram() is a fresh copy
+                                                    overwrite_h=True,      # gram() is a fresh copy
+                                                    keep=self.keep_mask(ctx, W))
         return QuantLinear.from_codes(codes, scales, zeros, bits=self.spec.bits, group_size=self.spec.group_size,
                                       sym=self.spec.sym, g_idx=g_idx, bias=ctx.bias, dtype=ctx.dtype)

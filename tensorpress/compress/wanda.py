@@ -60,11 +60,13 @@ class PruneBase(Compressor):
         """A :class:`DenseLinear` holding the pruned weight (zeros stored) and the original bias, or with
         ``storage: compact`` a :class:`Sparse24Linear`."""
         if self.params.storage == "compact":
-            return Sparse24Linear.from_dense(W, bias=ctx.bias, dtype=ctx.dtype, name=ctx.name)
-        m = DenseLinear(ctx.original.in_features, ctx.original.out_features, ctx.bias is not None, 0, ctx.dtype)
-        m.weight.data.copy_(W)
-        if ctx.bias is not None:
-            m.bias.data.copy_(ctx.bias)
+            m = Sparse24Linear.from_dense(W, bias=ctx.bias, dtype=ctx.dtype, name=ctx.name)
+        else:
+            m = DenseLinear(ctx.original.in_features, ctx.original.out_features, ctx.bias is not None, 0, ctx.dtype)
+            m.weight.data.copy_(W)
+            if ctx.bias is not None:
+                m.bias.data.copy_(ctx.bias)
+        m.pruned = True          # for a later stage of the chain: these zeros are a pattern (GPTQ keeps them)
         return m
 
 
