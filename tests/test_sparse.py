@@ -314,6 +314,9 @@ def test_shipped_recipes():
                      "sparsegpt-2of4": "2:4"}
     r = Recipe.load("sparsegpt-2of4")
     assert Recipe.from_dict(r.to_dict()).to_dict() == r.to_dict()      # what checkpoints store reloads
+    composed = Recipe.load("wanda-2of4+gptq-w4g64+eora-r64")
+    assert [s.compressor.name for s in composed.stages] == ["wanda", "gptq", "eora"]
+    assert composed.stages[1].compressor.params.preserve_sparsity is True
 
 
 # --- whole models --------------------------------------------------------------------------------------
@@ -424,3 +427,20 @@ def test_masked_gptq_beats_masked_rtn_and_only_a_pruning_stage_sets_the_mask():
     assert torch.equal(gptq.keep_mask(ctx, Wp), keep)
     off = Recipe.from_dict({"stages": [{"method": "gptq", "preserve_sparsity": False}]}).stages[0].compressor
     assert off.keep_mask(ctx, Wp) is None
+
+
+def test_shipped_composed_recipe_keeps_the_pattern_under_its_correction(tokens):
+    """wanda-2of4+gptq-w4g64+eora-r64 on a tiny model: the 4-bit base of every linear is exactly 2:4
+    and the EoRA branch sits beside it (the effective weight is dense only through the branch)."""
+    from tensorpress.nn import QuantLinear
+    model = make_tiny("qwen2")
+    recipe = Recipe.load("wanda-2of4+gptq-w4g64+eora-r64")
+    # the tiny model is 64 wide: the shipped group of 64 and rank 64 fit; rank is capped by min(out, in)
+    rec = Recipe.from_dict({**recipe.to_dict(), "stages": [
+        *recipe.to_dict()["stages"][:2], {**recipe.to_dict()["stages"][2], "rank": 8}]})
+    compress_model(model, rec, tokens, progress=False)
+    for name, mod in _decoder_linears(model).items():
+        assert isinstance(mod, QuantLinear) and mod.rank == 8, name
+        check_nm(mod.base_weight().detach(), 2, 4, name)
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens).logits).all()
