@@ -451,7 +451,8 @@ def test_svdquant_too_wide_smoothing_falls_back_to_none():
     comp = Recipe.from_dict({"stages": SINGULAR["svdquant"]}).stages[0].compressor
     lam = torch.ones(64, dtype=torch.float64)
     lam[[3, 17]] = 1e6                  # two columns of W·λ ~1e5: the branch takes them, fp16 cannot
-    comp._lam["l"] = lam
+    from tensorpress.compress.svdquant import effective_rows
+    comp._prepared["l"] = (lam, effective_rows(col.stats["l"].input_sample(), comp.params.act_bits))  # as prepare_block
     m = comp.compress(LinearContext("l", lin, lin, col.stats["l"]))
     assert bool(torch.isfinite(m.effective_weight()).all()) and bool((m.smooth == 1).all())
 

@@ -42,7 +42,8 @@ Per linear ``W [out, in]`` with calibration inputs ``X``::
   16-bit norm and a wide λ). ``o_proj`` / ``down_proj`` have no norm before them and always keep
   their vector. ``fold_smoothing: false`` stores every λ in the modules (the kernels apply it).
 * **Branch refit** (§6.5): ``L = SVD_r(Ŵ − qw)`` (exact, from the eigendecomposition of the smaller
-  Gram: :func:`.lowrank.gram_svd`), ``qw = RTN(Ŵ − L)`` for up to ``iterations`` rounds, keeping the branch with the lowest output error and stopping at the first increase
+  Gram: :func:`.lowrank.gram_svd`), ``qw = RTN(Ŵ − L)`` for up to ``iterations`` rounds, keeping
+  the branch with the lowest output error and stopping at the first increase
   (``early_stop``). Then the stored factors are rounded to ``factor_dtype`` and the residual of the
   *rounded* branch ``R = Ŵ − B (A⊘λ) diag(λ)`` is quantised with RTN or GPTQ (``residual_quantizer``;
   GPTQ on the Hessian of x̂: ``H`` scaled by ``1/λ`` on both sides).
@@ -276,8 +277,8 @@ class SVDQuant(Compressor):
         if not isinstance(p.factor_dtype, str) or p.factor_dtype not in FACTOR_DTYPES:   # dict lookup: str first
             raise TensorpressError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {p.factor_dtype!r}")
         self.spec = QuantSpec(p.bits, p.group_size, True, False).validate()
-        self._lam: dict[str, torch.Tensor] = {}
-        self._x: dict[str, torch.Tensor] = {}     # scoring rows per linear (effective_rows), from prepare_block
+        # per linear, from prepare_block: its group's λ and scoring rows (effective_rows of the sample)
+        self._prepared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_layer(self, ctx: LinearContext):
         m = ctx.original
@@ -290,10 +291,6 @@ class SVDQuant(Compressor):
                                    f"with {m.in_features} input features")
 
     # --- smoothing, shared by the linears that read one input ----------------------------------------
-    def _rows(self, ctx: LinearContext) -> torch.Tensor:
-        X = self._x.pop(ctx.name, None)
-        return X if X is not None else effective_rows(ctx.stats.input_sample(), self.params.act_bits)
-
     def _search(self, ctxs: list[LinearContext], X: torch.Tensor) -> torch.Tensor:
         p = self.params
         st = ctxs[0].stats
@@ -316,7 +313,7 @@ class SVDQuant(Compressor):
             X = effective_rows(ctxs[names[0]].stats.input_sample(), self.params.act_bits)
             lam = self._search([ctxs[n] for n in names], X)
             for n in names:
-                self._lam[n], self._x[n] = lam, X
+                self._prepared[n] = (lam, X)
 
     def finish_block(self, layer: torch.nn.Module, names: list[str]) -> list[str]:
         """Pipeline hook (called once per block after its linears were replaced, before it runs forward
@@ -350,9 +347,9 @@ class SVDQuant(Compressor):
     def compress(self, ctx: LinearContext):
         p = self.params
         W = ctx.weight.double()
-        X = self._rows(ctx)
-        lam = self._lam.pop(ctx.name, None)
-        if lam is None:
+        lam, X = self._prepared.pop(ctx.name, (None, None))
+        if lam is None:                                  # not prepared with a block (called directly)
+            X = effective_rows(ctx.stats.input_sample(), p.act_bits)
             lam = self._search([ctx], X)
         lam = lam.float().double()                                   # stored in fp32: compute with it
         try:
