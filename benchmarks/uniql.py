@@ -12,6 +12,8 @@ Rows, each in its own process, on the same 128×512 calibration tokens and 40×5
 * ``compress unsorted``: the same recipe with ``sort: false`` (original channel order, no V/O rotation,
   the same quantiser, groups and grids), saved (``WORK/ckpt-unsorted``);
 * ``uniql-w4 @ r`` for every rate: ``tensorpress.load(WORK/ckpt-uniql-w4, prune_rate=r)``;
+* with ``--recovery``: ``compress uniql-w4-ft`` (the same sorting, masked LoRA recovery fine-tuning,
+  then the same quantiser; ``WORK/ckpt-uniql-w4-ft``) and ``uniql-w4-ft @ r`` for every rate;
 * ``unsorted @ r``: the unsorted checkpoint sliced to exactly the kept sizes the sorted one got at ``r``
   (``elastic.apply_sizes``): the same layers, the same widths, the same grids, but each kept set is
   the first channels of the original order (MLP: channels ``[:m]``; q/k: the first ``d'/2`` of each
@@ -44,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 from _common import DIR_ARGS, fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
 
 RECIPE = "uniql-w4"
+RECIPE_FT = "uniql-w4-ft"        # the same with masked recovery fine-tuning (--recovery)
 
 
 # --- workers (one process per row) -------------------------------------------------------------------
@@ -97,7 +100,7 @@ def worker(spec: dict) -> dict:
         from tensorpress.compress.apply import compress_model
         from tensorpress.recipe import Recipe
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
-        d = Recipe.load(RECIPE).to_dict()
+        d = Recipe.load(spec.get("recipe", RECIPE)).to_dict()
         d["stages"][0].update(spec["overrides"])
         recipe = Recipe.load(d)
         t0, c0 = time.perf_counter(), cpu()
@@ -110,7 +113,8 @@ def worker(spec: dict) -> dict:
         plan = elastic.read_plan(model)
         return {"recipe": recipe.to_dict(), "compress_seconds": round(seconds, 1), "compress_cpu_seconds": round(cpu_s, 1),
                 "peak_rss_mb": round(peak / 2**20), "mean_rel_error": sum(r.rel_error for r in records) / len(records),
-                "influence": [l.influence for l in plan.layers]}
+                "influence": [l.influence for l in plan.layers],
+                **({"recovery": model.tensorpress_recovery} if hasattr(model, "tensorpress_recovery") else {})}
     from tensorpress import elastic
     from tensorpress.checkpoint import load
     rate = spec["rate"]
@@ -164,7 +168,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512, help="calibration length (protocol: 512)")
     ap.add_argument("--eval-windows", type=int, default=40, help="evaluation windows of 512 (protocol: 40)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens of the decode-speed measurement")
-    ap.add_argument("--quantizer", choices=["gptq", "rtn"], help="override the recipe's quantiser (both checkpoints)")
+    ap.add_argument("--quantizer", choices=["gptq", "rtn"], help="override the recipe's quantiser (every checkpoint)")
+    ap.add_argument("--recovery", action="store_true", help=f"also the checkpoint of {RECIPE_FT} (masked recovery "
+                    "fine-tuning) and its rows at every rate")
     ap.add_argument("--reuse", action="store_true", help="keep rows (and checkpoints in WORK) already there")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table from the stored rows")
     ap.add_argument("--smoke", action="store_true", help="plumbing check: 4 calibration samples, 2 eval windows, "
@@ -191,28 +197,32 @@ def main() -> int:
     rows_dir.mkdir(parents=True, exist_ok=True)
     model_dir = assets.default_model_dir()
     overrides = {} if a.quantizer is None else {"quantizer": a.quantizer}
-    names = ["dense", "compress-uniql-w4", "compress-unsorted"]
+    names = ["dense", "compress-uniql-w4", "compress-unsorted"] + (["compress-uniql-w4-ft"] if a.recovery else [])
     names += [f"uniql-w4@{r:g}" for r in a.rates] + [f"unsorted@{r:g}" for r in a.rates]
+    names += [f"uniql-w4-ft@{r:g}" for r in a.rates] if a.recovery else []
     if not a.report_only:
         tok = AutoTokenizer.from_pretrained(model_dir)
         data, _ = write_tokens(work, tok, a.samples, a.seq_len, a.eval_windows)
         base = {"data": str(data), "model_dir": str(model_dir), "threads": a.threads, "decode_tokens": a.decode_tokens}
-        ck = {"uniql-w4": work / "ckpt-uniql-w4", "unsorted": work / "ckpt-unsorted"}
+        ck = {"uniql-w4": work / "ckpt-uniql-w4", "unsorted": work / "ckpt-unsorted", "uniql-w4-ft": work / "ckpt-uniql-w4-ft"}
         specs = {"dense": {"kind": "dense"},
                  "compress-uniql-w4": {"kind": "compress", "overrides": overrides, "out": str(ck["uniql-w4"])},
                  "compress-unsorted": {"kind": "compress", "overrides": {**overrides, "sort": False},
-                                       "out": str(ck["unsorted"])}}
+                                       "out": str(ck["unsorted"])},
+                 "compress-uniql-w4-ft": {"kind": "compress", "recipe": RECIPE_FT, "overrides": overrides,
+                                          "out": str(ck["uniql-w4-ft"])}}
         for r in a.rates:
             specs[f"uniql-w4@{r:g}"] = {"kind": "sorted", "rate": r, "ckpt": str(ck["uniql-w4"])}
             specs[f"unsorted@{r:g}"] = {"kind": "unsorted", "rate": r, "ckpt": str(ck["unsorted"]),
                                         "sizes_from": str(ck["uniql-w4"])}
+            specs[f"uniql-w4-ft@{r:g}"] = {"kind": "sorted", "rate": r, "ckpt": str(ck["uniql-w4-ft"])}
         # a checkpoint row is kept only while its checkpoint is still in WORK (the rate rows load it)
         run_rows(names, rows_dir, lambda name: run_row(name, {**base, **specs[name]}, work, a.threads, a.row_timeout),
                  reuse=a.reuse, keep=lambda name, f: specs[name]["kind"] != "compress" or Path(specs[name]["out"]).exists(),
                  summary=("ppl", "realised_rate", "compress_seconds", "process_seconds"))
 
     rows = {n: json.loads((rows_dir / f"{n}.json").read_text()) for n in names if (rows_dir / f"{n}.json").exists()}
-    comp = {k: rows.pop(k) for k in ("compress-uniql-w4", "compress-unsorted") if k in rows}
+    comp = {k: rows.pop(k) for k in ("compress-uniql-w4", "compress-unsorted", "compress-uniql-w4-ft") if k in rows}
     ev = list(rows.values())
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": a.threads,
             "command": "python benchmarks/uniql.py " + " ".join(public_args(sys.argv[1:], DIR_ARGS)),
@@ -234,6 +244,10 @@ def main() -> int:
               "unsorted @ r: the same recipe with `sort: false` (original order, no V/O rotation; same quantiser, "
               "groups and grids), sliced to exactly the kept sizes the sorted checkpoint got at r: first MLP channels, "
               "first d'/2 of each RoPE half of q/k, first d' dims of every V/O head.",
+              *([f"uniql-w4-ft @ r: ONE checkpoint of recipe {RECIPE_FT}: the same sorting, then LoRA r8 trained on the "
+                 "calibration sequences under the loader's masks at sampled rates 0.05-0.4, merged (best epoch by "
+                 "held-out loss), then the same GPTQ on the fine-tuned model; loaded like uniql-w4. Fine-tuning report "
+                 "(losses per epoch, kept epoch) in uniql.json under compress."] if "compress-uniql-w4-ft" in comp else []),
               "rate: fraction of the decoder linears' weights removed (requested, realised after the 16/64 grids); "
               "model MB: every tensor of the sliced model (fp32 embeddings/norms included); linear bits / orig. weight: "
               "stored bits of the decoder linears (codes, scales, zeros, biases excluded) per weight of the dense "

@@ -207,6 +207,8 @@ def cmd_compress(a) -> int:
               "mean_rel_error": sum(r.rel_error for r in records) / len(records)}
     if dist.world_size() > 1:
         report["processes"] = dist.world_size()
+    if getattr(model, "tensorpress_recovery", None) is not None:     # UniQL masked recovery fine-tuning
+        report["recovery"] = model.tensorpress_recovery
     if evaluate:
         comp = api.evaluate(model, tok, a.eval_windows, a.eval_seq_len)
         rows.append({"label": recipe.name, **comp, "compress_seconds": report["compress_seconds"],

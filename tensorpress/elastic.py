@@ -116,11 +116,14 @@ def _int(v, what, lo=1):
     return v
 
 
-def read_plan(model: nn.Module) -> ElasticPlan:
+def read_plan(model: nn.Module, modules: dict | None = None) -> ElasticPlan:
     """The sorting metadata of a loaded checkpoint, validated against the model; a clear
-    :class:`TensorpressError` when there is none (not a UniQL checkpoint) or it is inconsistent."""
-    qc = getattr(model.config, "quantization_config", None)
-    modules = qc.get("modules") if isinstance(qc, dict) else None
+    :class:`TensorpressError` when there is none (not a UniQL checkpoint) or it is inconsistent.
+    ``modules`` (module name -> config entry) reads the metadata from there instead (a sorted model
+    whose linears are plain again, as in recovery fine-tuning)."""
+    qc = {} if modules is not None else getattr(model.config, "quantization_config", None)
+    if modules is None:
+        modules = qc.get("modules") if isinstance(qc, dict) else None
     if modules is None:              # compressed in this process, not saved yet: the modules' own entries
         from .nn import CompressedLinear
         live = {n: m.config() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
@@ -348,6 +351,21 @@ def pruning_masks(plan: ElasticPlan, sizes: Sizes) -> dict[str, torch.Tensor]:
         _, qr, kr, vr, _ = _attn_indices(l, a)
         for local, n, idx in (("self_attn.q_proj", l.n_heads * l.head_dim, qr), ("self_attn.k_proj", l.n_kv * l.head_dim, kr),
                               ("self_attn.v_proj", l.n_kv * l.head_dim, vr), ("mlp.up_proj", l.intermediate, torch.arange(m))):
+            mask = torch.zeros(n)
+            mask[idx] = 1
+            out[f"{l.index}.{local}"] = mask
+    return out
+
+
+def input_masks(plan: ElasticPlan, sizes: Sizes) -> dict[str, torch.Tensor]:
+    """0/1 masks of the INPUT columns that see zeros under :func:`pruning_masks` (the columns
+    :func:`apply_sizes` removes from ``o_proj`` and ``down_proj``), named as there."""
+    _check_sizes(plan, sizes)
+    out = {}
+    for l, a, m in zip(plan.layers, sizes.attn, sizes.mlp):
+        _, _, _, _, oc = _attn_indices(l, a)
+        for local, n, idx in (("self_attn.o_proj", l.n_heads * l.head_dim, oc), ("mlp.down_proj", l.intermediate,
+                                                                                    torch.arange(m))):
             mask = torch.zeros(n)
             mask[idx] = 1
             out[f"{l.index}.{local}"] = mask

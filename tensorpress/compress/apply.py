@@ -288,8 +288,14 @@ def compress_model(model: nn.Module, recipe, samples: torch.Tensor, *, batch_siz
     Fisher information (FWSVD) get it from backward passes of the LM loss over ``samples`` on the
     dense model before anything is compressed, unless ``fisher`` (from
     :func:`tensorpress.calib.collectors.collect_fisher`) is given. (:mod:`.streaming` runs the same
-    blocks from weights on disk, one block in memory at a time, with resume.)
+    blocks from weights on disk, one block in memory at a time, with resume.) A UniQL stage with
+    ``recovery`` runs three passes instead (:mod:`.recovery`: sort, masked fine-tuning, quantise).
     """
+    from .recovery import compress_with_recovery, recovery_stage
+    if recovery_stage(recipe) is not None:       # UniQL + masked recovery: sort, fine-tune, quantise
+        return compress_with_recovery(model, recipe, samples, compress=compress_model, batch_size=batch_size,
+                                      stats_source=stats_source, progress=progress, log_file=log_file,
+                                      on_record=on_record)
     batch_size = batch_size or recipe.calibration["batch_size"]
     job = prepare(model, recipe, samples, stats_source=stats_source, fisher=fisher, progress=progress)
     job.log_file, job.on_record = log_file, on_record

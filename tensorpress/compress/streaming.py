@@ -264,6 +264,9 @@ def check_streamable(stages_by_name: dict, recipe) -> None:
             if getattr(s.compressor, "needs_sensitivity", False):
                 raise TensorpressError(f"recipe {recipe.name}: 'allocation: sensitivity' measures every block before "
                                        "compressing and cannot be streamed; run without --stream")
+            if getattr(s.compressor.params, "recovery", None) is not None:
+                raise TensorpressError(f"recipe {recipe.name}: recovery fine-tuning trains the whole sorted model "
+                                       "and cannot be streamed; run without --stream")
 
 
 @torch.no_grad()

@@ -61,6 +61,7 @@ same load-time slicing, i.e. "pruning the same amount without sorting" (the benc
 """
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from contextlib import contextmanager
@@ -313,6 +314,7 @@ class UniQLParams:
     max_part_rate: float = 0.85      # largest fraction pruned from one layer's attention or MLP
     allocation: str = "influence"    # influence (docs §7.7, renormalised) | uniform
     epsilon: float = 0.1             # softmax temperature of the influence allocation
+    recovery: dict | None = None     # masked LoRA recovery fine-tuning settings (see .recovery); None: off
 
 
 @register
@@ -347,6 +349,9 @@ class UniQL(Compressor):
                                    "order so that slicing keeps whole groups)")
         if p.max_rate > p.max_part_rate:
             raise TensorpressError(f"max_rate {p.max_rate} cannot exceed max_part_rate {p.max_part_rate}")
+        if p.recovery is not None:
+            from .recovery import RecoverySettings, training_rates
+            training_rates(RecoverySettings.parse(p.recovery), p.max_rate)      # bad settings fail at load
         self.spec = self.spec_o = None
         if p.quantizer != "none":
             self.spec = quant_spec(p)
@@ -358,6 +363,9 @@ class UniQL(Compressor):
         self._known: list = []
         self._blocks: dict[int, _Block] = {}
         self._meta: dict[str, dict] = {}
+        # Presorted mode (recovery fine-tuning's quantisation pass, set by .recovery): module name ->
+        # the sorting metadata of a model whose plain linears are already in the sorted layout.
+        self.presorted: dict[str, dict] | None = None
 
     # --- plan time ------------------------------------------------------------------------------------
     def check_layer(self, ctx: LinearContext):
@@ -450,6 +458,9 @@ class UniQL(Compressor):
             blk.handle.remove()
             blk.handle = None
         blk.layer = None                                 # nothing of the block is needed any more
+        if self.presorted is not None:
+            self._use_presorted(by_role)
+            return
 
         Cx = q.stats.gram()
         Wq, Wk, Wv, Wo = (by_role[r].weight.double() for r in ("q", "k", "v", "o"))
@@ -482,11 +493,7 @@ class UniQL(Compressor):
             _rotate_stats(by_role["o"].stats, R)
         else:
             order = torch.arange(d).repeat(nkv, 1)
-        settings = {"head_grid": p.head_grid, "mlp_grid": p.mlp_grid, "max_rate": p.max_rate,
-                    "max_part_rate": p.max_part_rate, "allocation": p.allocation, "epsilon": p.epsilon,
-                    "quantizer": p.quantizer, "bits": p.bits if p.quantizer != "none" else None,
-                    "group_size": p.group_size if p.quantizer != "none" else None,
-                    "o_group_size": self.spec_o.group_size if self.spec_o is not None else None}
+        settings = self._settings()
         for role, c in by_role.items():
             meta = {"version": META_VERSION, "role": role, "layer": index}
             if role == "q":
@@ -494,6 +501,31 @@ class UniQL(Compressor):
                             influence=influence, calib_seq_len=blk.seq_len or None, settings=settings)
             elif role == "down":
                 meta.update(intermediate_size=n_int)
+            self._meta[c.name] = meta
+
+    def _settings(self) -> dict:
+        p = self.params
+        return {"head_grid": p.head_grid, "mlp_grid": p.mlp_grid, "max_rate": p.max_rate,
+                "max_part_rate": p.max_part_rate, "allocation": p.allocation, "epsilon": p.epsilon,
+                "quantizer": p.quantizer, "bits": p.bits if p.quantizer != "none" else None,
+                "group_size": p.group_size if p.quantizer != "none" else None,
+                "o_group_size": self.spec_o.group_size if self.spec_o is not None else None}
+
+    def _use_presorted(self, by_role: dict) -> None:
+        """The stored sorting data of linears already in the sorted layout (no sorting here): the
+        orders and block influence of the sorting pass, the settings of this quantiser."""
+        for role, c in by_role.items():
+            meta = self.presorted.get(c.name)
+            if not isinstance(meta, dict) or meta.get("role") != role:
+                raise TensorpressError(f"uniql: no stored sorting data for {c.name}")
+            meta = json.loads(json.dumps(meta))           # a copy: the caller's metadata stays as it was
+            if role == "q":
+                old = meta.get("settings", {})
+                new = self._settings()
+                moved = [k for k in ("head_grid", "mlp_grid", "max_rate", "max_part_rate") if old.get(k) != new[k]]
+                if moved:
+                    raise TensorpressError(f"uniql: {c.name} was sorted with other {', '.join(moved)}")
+                meta["settings"] = new
             self._meta[c.name] = meta
 
     @staticmethod
