@@ -8,15 +8,25 @@ from pathlib import Path
 
 def write_tokens(work: Path, tok, samples: int = 128, seq_len: int = 512, eval_windows: int = 40):
     """The protocol's calibration samples and evaluation windows, written once to
-    ``work/tokens.safetensors`` (kept if already there) so that every row and every tool reads the
-    same tokens. Returns ``(path, windows)``."""
-    from safetensors.torch import save_file
+    ``work/tokens.safetensors`` so that every row and every tool reads the same tokens. A file already
+    there is kept only when it holds exactly these tokens (a scratch directory reused with other
+    ``--samples`` or windows gets a fresh file, never the old tokens); written atomically.
+    Returns ``(path, windows)``."""
+    from safetensors.torch import load_file, save_file
     from tensorpress.calib.data import calibration_samples, eval_windows as _eval_windows
     data = Path(work) / "tokens.safetensors"
-    windows = _eval_windows(tok, eval_windows, 512)
-    if not data.exists():
-        save_file({"calib": calibration_samples(tok, samples, seq_len).contiguous(),
-                   "eval": windows.contiguous()}, data)
+    windows = _eval_windows(tok, eval_windows, 512).contiguous()
+    calib = calibration_samples(tok, samples, seq_len).contiguous()
+    if data.exists():
+        try:
+            old = load_file(data)
+            if old.keys() == {"calib", "eval"} and old["calib"].equal(calib) and old["eval"].equal(windows):
+                return data, windows
+        except Exception:  # noqa: BLE001 — unreadable: rewritten below
+            pass
+    tmp = data.with_name(data.name + ".tmp")
+    save_file({"calib": calib, "eval": windows}, tmp)
+    os.replace(tmp, data)
     return data, windows
 
 
@@ -81,6 +91,17 @@ def write_row(path: Path, res: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, path)
+
+
+def stored_row(results: Path, name: str, dirs, key: str = "copied_from") -> dict | None:
+    """Row ``name`` as another benchmark stored it (the first of ``results/<dir>/<name>.json`` over
+    ``dirs``), tagged with its origin under ``key`` (``copied_from`` / ``adopted_from``); None when absent."""
+    import json
+    for d in dirs:
+        src = Path(results) / d / f"{name}.json"
+        if src.exists():
+            return {**json.loads(src.read_text()), key: f"benchmarks/results/{d}/{src.name}"}
+    return None
 
 
 def run_rows(names, rows_dir: Path, run, *, reuse: bool = False, stored=None, finish=None, keep=None,

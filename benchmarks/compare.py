@@ -43,7 +43,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README_BEGIN, README_END = "<!-- compare-results:start -->", "<!-- compare-results:end -->"
 SCORED_TOKENS = 40 * 511            # the protocol's 40 windows of 512 tokens, 511 predictions each
 
-from _common import fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_rows, run_worker, stored_row, worker_env, write_tokens  # noqa: E402
 
 # name -> (family, runner, arg). runner: "lowrank" / "pruning" / "svdquant" run that benchmark's row of the same
 # name; "tp" runs a shipped recipe through lowrank.py's worker; "llmc-gptq" (bits, group);
@@ -154,14 +154,8 @@ def adopt(name: str) -> dict | None:
     runner = ROWS[name][1]
     if runner not in ("lowrank", "pruning", "svdquant"):
         return None
-    src = RESULTS / f"{runner}_rows" / f"{name}.json"
-    if not src.exists():
-        return None
-    res = json.loads(src.read_text())
-    if res.get("scored_tokens") != SCORED_TOKENS:
-        return None
-    res["adopted_from"] = f"benchmarks/results/{runner}_rows/{src.name}"
-    return res
+    res = stored_row(RESULTS, name, (f"{runner}_rows",), key="adopted_from")
+    return res if res is not None and res.get("scored_tokens") == SCORED_TOKENS else None
 
 
 def param_ratio(r: dict) -> float | None:

@@ -84,20 +84,15 @@ def main() -> int:
         return 2
 
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
     from tensorpress import __version__, assets
-    from tensorpress.calib.data import calibration_samples, eval_windows
     from tensorpress.evaluate import perplexity
+    from _common import write_tokens
 
     torch.set_num_threads(a.threads)
     model_dir = assets.default_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib = calibration_samples(tok, a.samples, a.seq_len)
-    windows = eval_windows(tok, a.eval_windows, 512)
-    tmp = Path(tempfile.mkdtemp())
-    data = tmp / "tokens.safetensors"
-    save_file({"calib": calib.contiguous(), "eval": windows.contiguous()}, data)
+    data, windows = write_tokens(Path(tempfile.mkdtemp()), tok, a.samples, a.seq_len, a.eval_windows)
 
     from transformers import AutoModelForCausalLM
     dense = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), windows,

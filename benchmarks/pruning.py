@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from _common import fmt, machine, public_args, run_rows, run_worker, worker_env, write_tokens  # noqa: E402
+from _common import fmt, machine, public_args, run_rows, run_worker, stored_row, worker_env, write_tokens  # noqa: E402
 
 # name -> (kind, arg): "tp" runs a shipped recipe; "llmc" llm-compressor's modifier (method, sparsity, mask)
 ROWS = {
@@ -284,10 +284,9 @@ def main() -> int:
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "sparsity": 0.0,
                                               "bits_per_weight": 32.0, **dense}))
         def from_lowrank(name):
-            src = RESULTS / "lowrank_rows" / f"{name}.json"
-            if not (a.svd_from_lowrank and name.startswith("svd-") and src.exists() and not a.smoke):
+            if not (a.svd_from_lowrank and name.startswith("svd-") and not a.smoke):
                 return None
-            return {**json.loads(src.read_text()), "copied_from": "benchmarks/results/lowrank_rows/" + src.name}
+            return stored_row(RESULTS, name, ("lowrank_rows",))
 
         run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, a.peers_python, work,
                                                         a.row_timeout, smoke_iters),

@@ -138,7 +138,7 @@ def main() -> int:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from _common import DIR_ARGS, machine, public_args, run_rows, write_tokens
+    from _common import DIR_ARGS, machine, public_args, run_rows, stored_row, write_tokens
     from tensorpress import __version__, assets
     from tensorpress.evaluate import perplexity
 
@@ -163,11 +163,9 @@ def main() -> int:
             dense_file.write_text(json.dumps({"row": "dense", "tool": "dense fp32", "bits_per_weight": 32.0, **dense}))
 
         def baseline(name):
-            src = next((RESULTS / d / f"{name}.json" for d in BASELINE_DIRS
-                        if (RESULTS / d / f"{name}.json").exists()), None)
-            if not (a.baselines_from_results and name in BASELINES and src is not None):
+            if not (a.baselines_from_results and name in BASELINES):
                 return None
-            return {**json.loads(src.read_text()), "copied_from": f"benchmarks/results/{src.parent.name}/{src.name}"}
+            return stored_row(RESULTS, name, BASELINE_DIRS)
 
         run_rows(a.rows, rows_dir, lambda name: run_row(name, data, model_dir, a.threads, work), reuse=a.reuse,
                  stored=baseline)

@@ -64,3 +64,27 @@ def test_pruning_no_worse_check_allows_only_float_noise():
     assert tie[1] is True and "a tie" in tie[2]
     assert check(by(31.10, 31.0))[1] is False                       # 0.3 % worse: not noise
     assert check({})[1] is None
+
+
+def test_stored_row_takes_the_first_directory_and_names_its_origin(tmp_path):
+    from _common import stored_row
+    for d, ppl in (("b_rows", 2.0), ("c_rows", 3.0)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "x.json").write_text(json.dumps({"row": "x", "ppl": ppl}))
+    assert stored_row(tmp_path, "x", ("a_rows", "b_rows", "c_rows")) == {
+        "row": "x", "ppl": 2.0, "copied_from": "benchmarks/results/b_rows/x.json"}
+    assert stored_row(tmp_path, "x", ("c_rows",), key="adopted_from")["adopted_from"].endswith("c_rows/x.json")
+    assert stored_row(tmp_path, "y", ("b_rows",)) is None
+
+
+def test_write_tokens_never_reuses_other_tokens(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+    import tensorpress.calib.data as data
+    monkeypatch.setattr(data, "calibration_samples", lambda tok, n, L, seed=None: torch.arange(n * L).view(n, L))
+    monkeypatch.setattr(data, "eval_windows", lambda tok, n, L: torch.ones(n, L, dtype=torch.long))
+    p, _ = _common.write_tokens(tmp_path, None, 4, 8, 2)
+    first = p.stat().st_mtime_ns
+    assert _common.write_tokens(tmp_path, None, 4, 8, 2)[0].stat().st_mtime_ns == first      # same tokens: kept
+    _common.write_tokens(tmp_path, None, 2, 8, 2)                                             # other protocol
+    assert load_file(p)["calib"].shape == (2, 8) and not list(tmp_path.glob("*.tmp"))
