@@ -56,6 +56,12 @@ The pipeline gives a compressor linears only; the attention geometry (heads, hea
 the block for the influence hook come from the transformers model that owns the linears, found once
 per compression (see :func:`_owner_model`).
 
+``recovery: {...}`` (recipe ``uniql-w4-ft``) adds masked LoRA recovery fine-tuning between sorting
+and quantisation (:mod:`.recovery`): the pipeline then runs this stage twice, first with
+``quantizer: none`` (sort only), then — after fine-tuning — in *presorted* mode (``presorted``: the
+first pass's metadata by module name), which skips the sorting, keeps the stored orders and block
+influences and only quantises the already-sorted weights.
+
 ``sort: false`` keeps every layer in its original order (no rotation): the same quantiser and the
 same load-time slicing, i.e. "pruning the same amount without sorting" (the benchmark's baseline).
 """
