@@ -205,3 +205,33 @@ def test_shipped_recipe_is_uniql_w4_plus_recovery():
     s = RecoverySettings.parse(rec)
     assert (s.rank, s.alpha, s.dropout, s.lr) == (8, 16, 0.05, 1e-4)           # docs §7.8
     assert training_rates(s, 0.5) == [0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05]
+
+
+def test_finetuning_restores_the_models_flags_and_a_failure_leaves_the_weights(monkeypatch):
+    from tensorpress.compress import recovery
+    m = make_tiny("llama", seed=8)
+    compress_model(m, recipe(quantizer="none"), skewed(8), progress=False)
+    # the sorted model (SortedDenseLinear modules here; compress_with_recovery hands over plain linears)
+    plan = elastic.read_plan(m)
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    rep = recovery.masked_finetune(m, plan, skewed(8, seed=9), RecoverySettings.parse({"epochs": 1, "lr": 1e-2}),
+                                   progress=False)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags and not m.training
+    assert rep["steps"] == 2 and len(rep["epochs"]) == 1
+    calls = []
+
+    def boom(model, ids):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("interrupted")
+        return model(input_ids=ids, labels=ids).loss
+    monkeypatch.setattr(recovery, "_loss", boom)
+    mid = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        recovery.masked_finetune(m, plan, skewed(8, seed=9), RecoverySettings.parse({"epochs": 1, "lr": 1e-2}),
+                                 progress=False)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    assert all(torch.equal(p, mid[n]) for n, p in m.named_parameters())     # untouched, no adapters left
+    assert not any(isinstance(x, LoRALinear) for x in m.modules())
+    assert set(before) == set(mid)

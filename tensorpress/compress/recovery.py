@@ -258,7 +258,7 @@ def masked_finetune(model: nn.Module, plan, samples: torch.Tensor, settings: Rec
                 finally:
                     for h in handles:
                         h.remove()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", rate=rate)
             for w in wrapped.values():
@@ -272,13 +272,14 @@ def masked_finetune(model: nn.Module, plan, samples: torch.Tensor, settings: Rec
     except BaseException:
         _unwrap(model, wrapped, None)                      # leave the sorted model as it was
         raise
+    else:
+        report.setdefault("kept_epoch", 0)                  # 0: no epoch beat the sorted model
+        report["heldout_loss_after"] = best
+        _unwrap(model, wrapped, best_state, trained_columns(plan, sizes))
     finally:
-        for n, p in model.named_parameters():
+        for n, p in model.named_parameters():              # the model's own names again (unwrapped)
             p.requires_grad_(grads.get(n, False))
         model.train(was_training)
-    report.setdefault("kept_epoch", 0)                      # 0: no epoch beat the sorted model
-    report["heldout_loss_after"] = best
-    _unwrap(model, wrapped, best_state, trained_columns(plan, sizes))
     return report
 
 
