@@ -93,6 +93,8 @@ def _compress_streamed(a) -> int:
         if val is not None:
             cal[key] = val
     threads = _threads(a.threads)
+    if a.seed is not None:
+        torch.manual_seed(a.seed)                    # as the in-memory path: randomized steps reproduce
     model_dir, gguf = resolve_model_path(a.model)
     if gguf is not None:
         raise TensorpressError("--stream reads safetensors weights; a .gguf model cannot be streamed")
