@@ -33,12 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..elastic import ROLE_NAMES as _ROLES
 from ..errors import TensorpressError
 from ..modeling import decoder_layers, layers_prefix, set_submodule
 from .base import check_number
 
-ROLE_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ROLE_NAMES = tuple(_ROLES.values())     # the seven linears of a block, as the loader names them
 
 
 @dataclass
