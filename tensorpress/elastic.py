@@ -340,6 +340,13 @@ def apply_rate(model: nn.Module, rate: float, plan: ElasticPlan | None = None, a
     return sizes
 
 
+def _index_mask(n: int, kept: torch.Tensor) -> torch.Tensor:
+    """Length-``n`` 0/1 mask with ones at ``kept``."""
+    mask = torch.zeros(n)
+    mask[kept] = 1
+    return mask
+
+
 def pruning_masks(plan: ElasticPlan, sizes: Sizes) -> dict[str, torch.Tensor]:
     """0/1 output masks, by module name inside the decoder layers' list (``"3.self_attn.q_proj"``), that
     zero exactly the channels :func:`apply_sizes` removes: q/k the dropped RoPE pairs, v the dropped
@@ -351,9 +358,7 @@ def pruning_masks(plan: ElasticPlan, sizes: Sizes) -> dict[str, torch.Tensor]:
         _, qr, kr, vr, _ = _attn_indices(l, a)
         for local, n, idx in (("self_attn.q_proj", l.n_heads * l.head_dim, qr), ("self_attn.k_proj", l.n_kv * l.head_dim, kr),
                               ("self_attn.v_proj", l.n_kv * l.head_dim, vr), ("mlp.up_proj", l.intermediate, torch.arange(m))):
-            mask = torch.zeros(n)
-            mask[idx] = 1
-            out[f"{l.index}.{local}"] = mask
+            out[f"{l.index}.{local}"] = _index_mask(n, idx)
     return out
 
 
@@ -366,9 +371,7 @@ def input_masks(plan: ElasticPlan, sizes: Sizes) -> dict[str, torch.Tensor]:
         _, _, _, _, oc = _attn_indices(l, a)
         for local, n, idx in (("self_attn.o_proj", l.n_heads * l.head_dim, oc), ("mlp.down_proj", l.intermediate,
                                                                                     torch.arange(m))):
-            mask = torch.zeros(n)
-            mask[idx] = 1
-            out[f"{l.index}.{local}"] = mask
+            out[f"{l.index}.{local}"] = _index_mask(n, idx)
     return out
 
 
